@@ -1,0 +1,130 @@
+"""Config helpers shared by every file in `configs/`.
+
+A config file defines `get_config(arg: str = "")`. The argument holds comma-separated
+`key=value` variant args (e.g. `size=tiny,data=phantoms`); `parse_variant` turns them into
+a dict, rejecting unknown keys with close-match suggestions. `base_config` returns the
+fields every run has; a config file fills in the method's own fields and locks the result,
+so `--config.a.b=value` overrides of unknown keys fail with a "Did you mean" message.
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+from typing import Any, Mapping
+
+import ml_collections as mlc
+
+
+class ConfigError(ValueError):
+  """A config, variant argument or override is invalid."""
+
+
+def _parse_value(text: str) -> Any:
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def parse_variant(arg: str | None, defaults: Mapping[str, Any]) -> dict[str, Any]:
+  """Parses `"k1=v1,k2=v2"` into a dict on top of `defaults`.
+
+  Values are Python literals when they parse as such (`3`, `0.5`, `True`), else strings.
+
+  Raises:
+    ConfigError: for a malformed pair or a key not in `defaults` (with suggestions).
+  """
+  out = dict(defaults)
+  if not arg:
+    return out
+  for pair in arg.split(","):
+    pair = pair.strip()
+    if not pair:
+      continue
+    if "=" not in pair:
+      raise ConfigError(
+          f"variant argument {pair!r} is not key=value; expected e.g. 'size=tiny,data=phantoms'")
+    key, value = (s.strip() for s in pair.split("=", 1))
+    if key not in defaults:
+      close = difflib.get_close_matches(key, list(defaults), n=3)
+      hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+      raise ConfigError(
+          f"unknown variant argument {key!r}.{hint} Known: {', '.join(sorted(defaults))}")
+    out[key] = _parse_value(value)
+  return out
+
+
+def base_config(method: str) -> mlc.ConfigDict:
+  """The fields every run has. Config files override values, then `lock()`."""
+  c = mlc.ConfigDict()
+  c.method = method
+  c.seed = 0
+  c.dtype = "float32"  # "bfloat16": bf16 compute, fp32 params, losses and norm statistics.
+  # Warm start: a run workdir, its checkpoints/ folder, or "stage:NAME" inside a pipeline.
+  c.init_from = ""
+  # Comma-separated "src_prefix:dst_prefix" rules for init_from; "" matches identical paths.
+  c.init_from_rules = ""
+  c.mesh = mlc.ConfigDict({"data": -1, "model": 1})
+  c.distributed = False  # call jax.distributed.initialize() (multi-host runs only)
+
+  c.train = mlc.ConfigDict()
+  c.train.batch_size = 32  # global batch, over all devices and hosts
+  c.train.num_steps = 1000
+  c.train.num_epochs = 0.0  # > 0: num_steps = ceil(num_epochs * train size / batch_size)
+  c.train.log_every = 50
+  c.train.eval_every = 500  # 0: evaluate only at the end
+  c.train.checkpoint_every = 500
+  c.train.keep_checkpoints = 3
+  c.train.eval_batch_size = 64
+  c.train.eval_split = "val"
+  c.train.max_eval_examples = 0  # 0: the whole split
+  c.train.num_threads = 4  # grain decode threads per process
+  c.train.prefetch = 64
+  c.train.progress = True
+
+  c.optim = mlc.ConfigDict()
+  c.optim.name = "adamw"  # sgd | adam | adamw
+  c.optim.lr = 1e-3
+  c.optim.weight_decay = 1e-4
+  c.optim.momentum = 0.9  # sgd only
+  c.optim.nesterov = False
+  c.optim.schedule = "cosine"  # constant | cosine | step
+  c.optim.warmup_fraction = 0.0
+  c.optim.step_boundaries = (0.6, 0.8)  # fractions of num_steps, for schedule="step"
+  c.optim.step_factor = 0.1
+  c.optim.grad_clip = 0.0  # global-norm clip; 0 disables
+  return c
+
+
+def size_overrides(size: str, paper: Mapping[str, Any], tiny: Mapping[str, Any]) -> dict:
+  """Picks the paper-size or tiny (CPU test scale) field values."""
+  if size == "paper":
+    return dict(paper)
+  if size == "tiny":
+    return dict(tiny)
+  raise ConfigError(f"unknown size {size!r}; expected 'paper' or 'tiny'")
+
+
+def set_path(config: mlc.ConfigDict, dotted: str, value: Any) -> None:
+  """Sets `config.a.b.c = value` for dotted='a.b.c', with a clear error for a bad key."""
+  *parents, leaf = dotted.split(".")
+  node = config
+  for i, name in enumerate(parents):
+    if name not in node:
+      raise ConfigError(_missing_key_message(".".join(parents[:i + 1]), node))
+    node = node[name]
+  if leaf not in node:
+    raise ConfigError(_missing_key_message(dotted, node))
+  node[leaf] = value
+
+
+def _missing_key_message(dotted: str, node: mlc.ConfigDict) -> str:
+  leaf = dotted.rsplit(".", 1)[-1]
+  close = difflib.get_close_matches(leaf, list(node.keys()), n=3)
+  hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+  return f"unknown config key {dotted!r}.{hint}"
+
+
+def to_dict(config: mlc.ConfigDict) -> dict:
+  """A JSON-friendly plain dict of a config (tuples become lists)."""
+  return config.to_dict()

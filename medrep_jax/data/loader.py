@@ -1,0 +1,116 @@
+"""grain loaders: deterministic, resumable, sharded per process.
+
+The train stream is `source -> shuffle (reshuffled every epoch) -> repeat -> transforms`,
+a random-access `grain.MapDataset`, so element `i` of the stream is a pure function of
+(seed, i). Each global batch of B elements is split into contiguous blocks of B / P rows,
+one per process, so P processes together see exactly the batch one process would see.
+The iterator state (`next_index`) is saved in checkpoints, and a resumed run continues
+with the very next batch.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator, Sequence
+
+import grain
+import jax
+import numpy as np
+
+
+class _ProcessBlock(grain.MapDataset):
+  """Rows [p*b, (p+1)*b) of every global batch of size B = b * process_count."""
+
+  def __init__(self, parent: grain.MapDataset, global_batch: int, process_index: int,
+               process_count: int):
+    super().__init__(parent)
+    if global_batch % process_count:
+      raise ValueError(f"global batch {global_batch} is not divisible by "
+                       f"{process_count} processes")
+    self._global = global_batch
+    self._local = global_batch // process_count
+    self._offset = process_index * self._local
+
+  def __len__(self) -> int:
+    return (len(self._parent) // self._global) * self._local
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    batch, row = divmod(index, self._local)
+    return self._parent[batch * self._global + self._offset + row]
+
+  def __str__(self) -> str:
+    return f"_ProcessBlock(global={self._global}, local={self._local}, offset={self._offset})"
+
+
+def _apply(ds: grain.MapDataset, transforms: Sequence[Any], seed: int) -> grain.MapDataset:
+  for t in transforms:
+    if isinstance(t, grain.transforms.RandomMap):
+      ds = ds.random_map(t, seed=seed)
+    else:
+      ds = ds.map(t)
+  return ds
+
+
+def train_dataset(source, transforms: Sequence[Any], *, global_batch: int, seed: int,
+                  process_index: int | None = None,
+                  process_count: int | None = None) -> grain.MapDataset:
+  """The batched, per-process train stream (infinite)."""
+  pi = jax.process_index() if process_index is None else process_index
+  pc = jax.process_count() if process_count is None else process_count
+  if len(source) < global_batch:
+    raise ValueError(f"the train split has {len(source)} examples, fewer than the global "
+                     f"batch size {global_batch}; lower train.batch_size")
+  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+  ds = _apply(ds, transforms, seed)
+  ds = _ProcessBlock(ds, global_batch, pi, pc)
+  return ds.batch(global_batch // pc, drop_remainder=True)
+
+
+def iterate(ds: grain.MapDataset, *, num_threads: int = 4, prefetch: int = 64,
+            state: dict | None = None):
+  """A grain iterator over `ds` (threads decode ahead), restored from `state` if given."""
+  it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                                 prefetch_buffer_size=prefetch)))
+  if state:
+    it.set_state(state)
+  return it
+
+
+class _Padded:
+  """Random access over `source` padded to `length` with copies of element 0."""
+
+  def __init__(self, source, length: int):
+    self._source = source
+    self._n = len(source)
+    self._length = length
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, i: int):
+    valid = i < self._n
+    rec = dict(self._source[i if valid else 0])
+    rec["_valid"] = np.float32(valid)
+    return rec
+
+
+def eval_batches(source, transforms: Sequence[Any], *, global_batch: int,
+                 max_examples: int = 0, num_threads: int = 4,
+                 process_index: int | None = None,
+                 process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """One pass over `source` in fixed-size batches; padding rows have `_valid == 0`."""
+  pi = jax.process_index() if process_index is None else process_index
+  pc = jax.process_count() if process_count is None else process_count
+  n = len(source) if not max_examples else min(len(source), int(max_examples))
+  if n == 0:
+    raise ValueError("the evaluation split is empty")
+  num_batches = math.ceil(n / global_batch)
+  base = grain.MapDataset.source(source)
+  if n < len(source):
+    base = base.slice(slice(0, n))
+  ds = grain.MapDataset.source(_Padded(base, num_batches * global_batch))
+  ds = _apply(ds, transforms, seed=0)
+  ds = _ProcessBlock(ds, global_batch, pi, pc).batch(global_batch // pc)
+  yield from ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                                  prefetch_buffer_size=2 * global_batch))

@@ -1,0 +1,1 @@
+"""Config builders shared by the thin files in `configs/` (which parse variant args)."""

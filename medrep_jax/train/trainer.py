@@ -1,0 +1,304 @@
+"""The one trainer: every method runs through `train_and_evaluate`.
+
+One jitted train step with donated state and `NamedSharding`; per-step RNG by `fold_in`;
+metrics stay on device until a logging step; eval at a period; orbax checkpoints with the
+data-iterator state; SIGTERM saves and exits; a NaN/Inf metric stops the run without
+overwriting the last good checkpoint (DESIGN.md, principles 3, 5 and 6).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import logging
+import pathlib
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from medrep_jax import config_lib
+from medrep_jax.data import loader
+from medrep_jax.methods import base, load_method
+from medrep_jax.train import checkpoint as ckpt_lib
+from medrep_jax.train import mesh as mesh_lib
+from medrep_jax.train import report as report_lib
+from medrep_jax.train.logging import MetricWriter
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(FloatingPointError):
+  """A logged metric became NaN or Inf."""
+
+
+class Preempted(SystemExit):
+  """Raised after a SIGTERM-triggered save; exit code 143 like a plain SIGTERM."""
+
+  def __init__(self, step: int):
+    super().__init__(143)
+    self.step = step
+
+
+@contextlib.contextmanager
+def _sigterm_flag():
+  """Sets `flag.is_set()` on SIGTERM instead of dying mid-step."""
+  flag = threading.Event()
+  if threading.current_thread() is not threading.main_thread():
+    yield flag
+    return
+  previous = signal.getsignal(signal.SIGTERM)
+  signal.signal(signal.SIGTERM, lambda *_: flag.set())
+  try:
+    yield flag
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+def write_config(config, workdir: pathlib.Path) -> None:
+  if jax.process_index() == 0:
+    (workdir / "config.json").write_text(json.dumps(config_lib.to_dict(config), indent=2,
+                                                    default=str))
+
+
+def _average(records: list[dict[str, np.ndarray]]) -> dict[str, float]:
+  keys = records[0].keys()
+  return {k: float(np.mean([np.asarray(r[k], np.float64) for r in records])) for k in keys}
+
+
+def _check_finite(records: list[tuple[int, dict]], last_good: int | None,
+                  ckpt_dir: pathlib.Path) -> None:
+  for step, metrics in records:
+    for name, value in metrics.items():
+      if not np.all(np.isfinite(np.asarray(value))):
+        kept = (f"the last good checkpoint (step {last_good}) in {ckpt_dir} is kept"
+                if last_good is not None else "no checkpoint had been written yet")
+        raise NonFiniteError(
+            f"metric {name!r} is {np.asarray(value).tolist()} at step {step}; training "
+            f"stopped and {kept}. Lower optim.lr, set optim.grad_clip, or check the data.")
+
+
+class Trainer:
+  """Runs one method in one workdir. Use `train_and_evaluate` unless you need the parts."""
+
+  def __init__(self, config, workdir: str | pathlib.Path, method: base.Method | None = None):
+    self.config = config
+    self.workdir = pathlib.Path(workdir).absolute()
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    self.method = method if method is not None else load_method(config)
+    self.mesh = mesh_lib.make_mesh(config.mesh)
+    tc = config.train
+    mesh_lib.check_batch_size(int(tc.batch_size), self.mesh)
+    mesh_lib.check_batch_size(int(tc.eval_batch_size), self.mesh, "train.eval_batch_size")
+    self.checkpointer = ckpt_lib.Checkpointer(self.workdir / "checkpoints",
+                                              every=int(tc.checkpoint_every),
+                                              keep=int(tc.keep_checkpoints))
+    self.writer = MetricWriter(self.workdir)
+    self.base_rng = jax.random.key(int(config.seed))
+    self._eval_source = None
+
+  # ------------------------------------------------------------------------------ state
+  def build_state(self, sample_batch: dict[str, jax.Array]):
+    init_rng = jax.random.fold_in(self.base_rng, -1 & 0x7FFFFFFF)
+    abstract = jax.eval_shape(self.method.init_state, init_rng, sample_batch)
+    self.state_sharding = self.method.state_shardings(abstract, self.mesh)
+    state = jax.jit(self.method.init_state, out_shardings=self.state_sharding)(
+        init_rng, sample_batch)
+    return state
+
+  def warm_start(self, state):
+    """Applies `config.init_from` (only when not resuming)."""
+    src = self.config.init_from
+    if not src:
+      return state
+    saved = ckpt_lib.load_state_tree(src)
+    # Rules apply inside each collection: "encoder:encoder" maps params/encoder/... and
+    # model_state/batch_stats/encoder/... alike.
+    merged = {"params": None, "model_state": {}}
+    loaded, fresh = [], []
+    groups = [("params", state.params, saved.get("params", {}))]
+    groups += [(f"model_state/{col}", tree, saved.get("model_state", {}).get(col, {}))
+               for col, tree in state.model_state.items()]
+    for prefix, target, source in groups:
+      tree, ok, new = ckpt_lib.merge_by_path(jax.device_get(target), source,
+                                             self.config.init_from_rules)
+      loaded += [f"{prefix}/{p}" for p in ok]
+      fresh += [f"{prefix}/{p}" for p in new]
+      if prefix == "params":
+        merged["params"] = tree
+      else:
+        merged["model_state"][prefix.split("/", 1)[1]] = tree
+    if not loaded:
+      raise ValueError(f"init_from={src}: no parameter matched by path and shape; set "
+                       f"init_from_rules, e.g. 'encoder:encoder'")
+    lines = [f"init_from: {src}", f"loaded {len(loaded)} arrays, left {len(fresh)} new", "",
+             "# loaded"] + loaded + ["", "# new"] + fresh
+    if jax.process_index() == 0:
+      (self.workdir / "init_from.txt").write_text("\n".join(lines) + "\n")
+    print(f"init_from: loaded {len(loaded)} arrays from {src}, {len(fresh)} left new "
+          f"(see {self.workdir / 'init_from.txt'})")
+    sh = self.state_sharding
+    params = jax.device_put(merged["params"], sh.params)
+    model_state = jax.device_put(merged["model_state"], sh.model_state)
+    # Re-initialize the optimizer state for the new parameters.
+    opt_state = jax.jit(state.tx.init, out_shardings=sh.opt_state)(params)
+    return state.replace(params=params, model_state=model_state, opt_state=opt_state)
+
+  # ------------------------------------------------------------------------------- eval
+  def evaluate(self, state, *, final: bool) -> dict[str, float]:
+    tc = self.config.train
+    if self._eval_source is None:
+      self._eval_source = self.method.make_source(tc.eval_split)
+    eval_fn = getattr(self, "_eval_fn", None)
+    if eval_fn is None:
+      def eval_fn(s, b):
+        return {**self.method.eval_step(s, b), "_valid": b["_valid"]}
+      eval_fn = self._eval_fn = jax.jit(eval_fn)
+    outs = []
+    batches = loader.eval_batches(self._eval_source, self.method.transforms(False),
+                                  global_batch=int(tc.eval_batch_size),
+                                  max_examples=int(tc.max_eval_examples),
+                                  num_threads=int(tc.num_threads))
+    for host_batch in batches:
+      outs.append(eval_fn(state, mesh_lib.to_global(host_batch, self.mesh)))
+    host = mesh_lib.to_host(outs)
+    cat = {k: np.concatenate([o[k] for o in host]) for k in host[0]}
+    valid = cat.pop("_valid") > 0
+    cat = {k: v[valid] for k, v in cat.items()}
+    step = int(state.step)
+    ctx = base.EvalContext(workdir=self.workdir, step=step, final=final, split=tc.eval_split)
+    metrics, figures = self.method.evaluate(cat, state, ctx)
+    self.writer.write(step, "eval", {f"eval/{k}": v for k, v in metrics.items()})
+    self.figures.update(figures)
+    return metrics
+
+  # ------------------------------------------------------------------------------- loop
+  def run(self) -> dict[str, Any]:
+    config, tc = self.config, self.config.train
+    self.figures: dict[str, str] = {}
+    train_source = self.method.make_source("train")
+    if float(tc.get("num_epochs", 0.0)) > 0:
+      tc.num_steps = math.ceil(float(tc.num_epochs) * len(train_source) / int(tc.batch_size))
+    num_steps = int(tc.num_steps)
+    write_config(config, self.workdir)
+    train_ds = loader.train_dataset(train_source, self.method.transforms(True),
+                                    global_batch=int(tc.batch_size), seed=int(config.seed))
+    with self.mesh:
+      sample = mesh_lib.to_global(train_ds[0], self.mesh)
+      state = self.build_state(sample)
+      latest = self.checkpointer.latest_step()
+      iter_state = None
+      if latest is not None:
+        state, iter_state = self.checkpointer.restore(state, latest)
+        self.writer.truncate_after(latest)
+        print(f"Resumed from {self.checkpointer.directory} at step {latest}")
+      else:
+        state = self.warm_start(state)
+      done = self.workdir / "done.json"
+      if latest is not None and latest >= num_steps and done.exists():
+        print(f"Run in {self.workdir} already finished at step {latest}; nothing to do.")
+        return json.loads(done.read_text())
+      step_fn = self._compile_step()
+      final = self._loop(state, step_fn, train_ds, iter_state, num_steps)
+    return final
+
+  def _compile_step(self):
+    method, base_rng = self.method, self.base_rng
+
+    def step(state, batch):
+      return method.train_step(state, batch, jax.random.fold_in(base_rng, state.step))
+
+    return jax.jit(step, in_shardings=(self.state_sharding, mesh_lib.batch_sharding(self.mesh)),
+                   out_shardings=(self.state_sharding, mesh_lib.replicated(self.mesh)),
+                   donate_argnums=0)
+
+  def _loop(self, state, step_fn, train_ds, iter_state, num_steps: int):
+    tc = self.config.train
+    log_every, eval_every = int(tc.log_every), int(tc.eval_every)
+    ckpt_every = int(tc.checkpoint_every)
+    it = loader.iterate(train_ds, num_threads=int(tc.num_threads),
+                        prefetch=int(tc.prefetch), state=iter_state)
+    start = int(state.step)
+    last_good = self.checkpointer.latest_step()
+    pending: list[tuple[int, Any]] = []
+    bar = tqdm(total=num_steps, initial=start, desc=self.config.method, dynamic_ncols=True,
+               disable=not tc.progress or jax.process_index() != 0,
+               mininterval=1.0, file=sys.stdout)
+    t_last, n_last, first_step_time = time.perf_counter(), start, None
+    final_metrics: dict[str, Any] = {}
+    with _sigterm_flag() as preempt:
+      for step in range(start, num_steps):
+        batch = mesh_lib.to_global(next(it), self.mesh)
+        t0 = time.perf_counter()
+        state, metrics = step_fn(state, batch)
+        if first_step_time is None:
+          jax.block_until_ready(metrics)
+          first_step_time = time.perf_counter() - t0
+          t_last, n_last = time.perf_counter(), step + 1
+        cur = step + 1
+        pending.append((cur, metrics))
+        bar.update(1)
+        is_ckpt = ckpt_every > 0 and cur % ckpt_every == 0
+        if cur % log_every == 0 or cur == num_steps or is_ckpt or preempt.is_set():
+          host = [(s, jax.device_get(m)) for s, m in pending]
+          _check_finite(host, last_good, self.checkpointer.directory)
+          now = time.perf_counter()
+          steps_done = cur - n_last
+          avg = _average([m for _, m in host])
+          if steps_done > 0:
+            avg["throughput/examples_per_sec"] = steps_done * int(tc.batch_size) / (now - t_last)
+            avg["throughput/step_time_ms"] = 1e3 * (now - t_last) / steps_done
+          if first_step_time is not None and "time/compile_and_first_step_sec" not in final_metrics:
+            avg["time/compile_and_first_step_sec"] = first_step_time
+            final_metrics["time/compile_and_first_step_sec"] = first_step_time
+          self.writer.write(cur, "train", avg)
+          bar.set_postfix({k: f"{v:.4g}" for k, v in avg.items() if k in ("loss",)})
+          t_last, n_last, pending = now, cur, []
+          final_metrics.update({k: v for k, v in avg.items() if not k.startswith("time/")})
+        if eval_every > 0 and cur % eval_every == 0 and cur < num_steps:
+          self.evaluate(state, final=False)
+        if is_ckpt or preempt.is_set():
+          if self.checkpointer.save(cur, state, it.get_state(), force=True):
+            last_good = cur
+        if preempt.is_set():
+          self.checkpointer.close()
+          self.writer.close()
+          bar.close()
+          print(f"SIGTERM: saved a checkpoint at step {cur} in {self.checkpointer.directory}; "
+                f"re-run the same command to resume.")
+          raise Preempted(cur)
+    bar.close()
+    eval_metrics = self.evaluate(state, final=True)
+    self.checkpointer.save(int(state.step), state, it.get_state(), force=True)
+    self.checkpointer.close()
+    final = {"step": int(state.step), **{f"train/{k}": v for k, v in final_metrics.items()},
+             **{f"eval/{k}": v for k, v in eval_metrics.items()}}
+    self.writer.close()
+    if jax.process_index() == 0:
+      report_lib.write_report(self.workdir, self.config, final, self.figures,
+                              self.method.report_lines(self.workdir))
+      (self.workdir / "done.json").write_text(json.dumps(final, indent=2, default=float))
+    return final
+
+
+def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
+  """Trains and evaluates `config` in `workdir` (resuming if it holds checkpoints)."""
+  workdir = pathlib.Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  method_or_task = load_method(config)
+  if isinstance(method_or_task, base.Task):
+    write_config(config, workdir)
+    done = workdir / "done.json"
+    if done.exists():
+      print(f"Stage in {workdir} already finished; nothing to do.")
+      return json.loads(done.read_text())
+    result = method_or_task.run(workdir)
+    if jax.process_index() == 0:
+      done.write_text(json.dumps(result, indent=2, default=float))
+    return result
+  return Trainer(config, workdir, method_or_task).run()
