@@ -167,7 +167,7 @@ class Finetune(base.Method):
     (loss, (aux, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     model_state = {**state.model_state, **updates}
     state = state.apply_gradients(grads, model_state=model_state)
-    return state, {"loss": loss, **aux, "grad_norm": optax.global_norm(grads)}
+    return state, {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads)}
 
   def eval_step(self, state: TrainState, batch):
     logits = state.apply_fn(state.variables(), batch["image"], train=False)

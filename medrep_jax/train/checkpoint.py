@@ -56,8 +56,11 @@ class Checkpointer:
     self.manager.wait_until_finished()
 
   def close(self):
+    if getattr(self, "_closed", False):
+      return
     self.manager.wait_until_finished()
     self.manager.close()
+    self._closed = True
 
 
 def _abstract(x):

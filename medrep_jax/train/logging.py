@@ -57,6 +57,7 @@ class MetricWriter:
   def close(self):
     if self._tb is not None:
       self._tb.close()
+      self._tb = None
 
 
 def read_metrics(workdir: str | pathlib.Path, split: str | None = None) -> list[dict]:

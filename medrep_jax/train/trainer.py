@@ -74,7 +74,8 @@ def _average(records: list[dict[str, np.ndarray]]) -> dict[str, float]:
 def _check_finite(records: list[tuple[int, dict]], last_good: int | None,
                   ckpt_dir: pathlib.Path) -> None:
   for step, metrics in records:
-    for name, value in metrics.items():
+    for name in sorted(metrics, key=lambda k: k != "loss"):  # name the loss first
+      value = metrics[name]
       if not np.all(np.isfinite(np.asarray(value))):
         kept = (f"the last good checkpoint (step {last_good}) in {ckpt_dir} is kept"
                 if last_good is not None else "no checkpoint had been written yet")
@@ -86,12 +87,13 @@ def _check_finite(records: list[tuple[int, dict]], last_good: int | None,
 class Trainer:
   """Runs one method in one workdir. Use `train_and_evaluate` unless you need the parts."""
 
-  def __init__(self, config, workdir: str | pathlib.Path, method: base.Method | None = None):
+  def __init__(self, config, workdir: str | pathlib.Path, method: base.Method | None = None,
+               devices=None):
     self.config = config
     self.workdir = pathlib.Path(workdir).absolute()
     self.workdir.mkdir(parents=True, exist_ok=True)
     self.method = method if method is not None else load_method(config)
-    self.mesh = mesh_lib.make_mesh(config.mesh)
+    self.mesh = mesh_lib.make_mesh(config.mesh, devices)
     tc = config.train
     mesh_lib.check_batch_size(int(tc.batch_size), self.mesh)
     mesh_lib.check_batch_size(int(tc.eval_batch_size), self.mesh, "train.eval_batch_size")
@@ -188,7 +190,7 @@ class Trainer:
     write_config(config, self.workdir)
     train_ds = loader.train_dataset(train_source, self.method.transforms(True),
                                     global_batch=int(tc.batch_size), seed=int(config.seed))
-    with self.mesh:
+    with jax.set_mesh(self.mesh):
       sample = mesh_lib.to_global(train_ds[0], self.mesh)
       state = self.build_state(sample)
       latest = self.checkpointer.latest_step()
@@ -204,8 +206,11 @@ class Trainer:
         print(f"Run in {self.workdir} already finished at step {latest}; nothing to do.")
         return json.loads(done.read_text())
       step_fn = self._compile_step()
-      final = self._loop(state, step_fn, train_ds, iter_state, num_steps)
-    return final
+      try:
+        return self._loop(state, step_fn, train_ds, iter_state, num_steps)
+      finally:  # finish in-flight async saves, also when the loop raised
+        self.checkpointer.close()
+        self.writer.close()
 
   def _compile_step(self):
     method, base_rng = self.method, self.base_rng

@@ -1,0 +1,240 @@
+"""Host-side (numpy) record transforms as grain transforms.
+
+Geometric transforms apply to "image" and, with nearest-neighbour, to "mask".
+Use them with `grain.MapDataset.source(src).map(t)` / `.random_map(t, seed=s)`.
+`build_transforms(data_cfg, train)` gives the standard pipeline whose output
+batches: "image" float32 (S, S, C), "mask" uint8 (S, S), "label", "index".
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+from PIL import Image
+
+from medrep_jax.data.imageio import convert_channels, resize_mask
+from medrep_jax.data.sources import DataError, Record
+
+
+def _hw(size: int | Sequence[int]) -> tuple[int, int]:
+  if isinstance(size, int):
+    return size, size
+  h, w = size
+  return int(h), int(w)
+
+
+def _check_mask(record: Record, where: str) -> None:
+  if "mask" in record and record["mask"].shape[:2] != record["image"].shape[:2]:
+    raise DataError(f"{where}: element {record.get('index', '?')} has image shape "
+                    f"{record['image'].shape} but mask shape {record['mask'].shape}")
+
+
+def resize_image(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+  """Bilinear (antialiased when shrinking) resize of (H, W, C) uint8 or float32."""
+  if image.shape[:2] == hw:
+    return image
+  size = (hw[1], hw[0])
+  if image.dtype == np.uint8 and image.shape[-1] in (1, 3):
+    mode = "L" if image.shape[-1] == 1 else "RGB"
+    out = np.asarray(Image.fromarray(image[..., 0] if mode == "L" else image, mode)
+                     .resize(size, Image.BILINEAR))
+    return out[..., None] if mode == "L" else out
+  chans = [np.asarray(Image.fromarray(image[..., c].astype(np.float32), "F")
+                      .resize(size, Image.BILINEAR)) for c in range(image.shape[-1])]
+  out = np.stack(chans, -1)
+  if image.dtype == np.uint8:
+    out = np.clip(np.round(out), 0, 255)
+  return out.astype(image.dtype)
+
+
+def _crop(record: Record, top: int, left: int, hw: tuple[int, int], name: str) -> Record:
+  _check_mask(record, name)
+  h, w = record["image"].shape[:2]
+  if h < hw[0] or w < hw[1]:
+    raise DataError(f"{name}: element {record.get('index', '?')} of shape {(h, w)} is smaller "
+                    f"than the crop {hw}; add a Resize before the crop")
+  out = dict(record)
+  out["image"] = record["image"][top:top + hw[0], left:left + hw[1]]
+  if "mask" in record:
+    out["mask"] = record["mask"][top:top + hw[0], left:left + hw[1]]
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Resize(grain.transforms.Map):
+  """Resizes image (bilinear, antialiased) and mask (nearest) to `size` (int or (h, w))."""
+  size: int | tuple[int, int]
+
+  def map(self, element: Record) -> Record:
+    _check_mask(element, "Resize")
+    hw, out = _hw(self.size), dict(element)
+    out["image"] = resize_image(element["image"], hw)
+    if "mask" in element:
+      out["mask"] = resize_mask(element["mask"], hw)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class CenterCrop(grain.transforms.Map):
+  """Crops the centre `size` (int or (h, w)) of image and mask."""
+  size: int | tuple[int, int]
+
+  def map(self, element: Record) -> Record:
+    hw = _hw(self.size)
+    h, w = element["image"].shape[:2]
+    return _crop(element, max(h - hw[0], 0) // 2, max(w - hw[1], 0) // 2, hw, "CenterCrop")
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomCrop(grain.transforms.RandomMap):
+  """Crops a uniformly random `size` window of image and mask."""
+  size: int | tuple[int, int]
+
+  def random_map(self, element: Record, rng: np.random.Generator) -> Record:
+    hw = _hw(self.size)
+    h, w = element["image"].shape[:2]
+    top = int(rng.integers(0, max(h - hw[0], 0) + 1))
+    left = int(rng.integers(0, max(w - hw[1], 0) + 1))
+    return _crop(element, top, left, hw, "RandomCrop")
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomFlip(grain.transforms.RandomMap):
+  """Flips image and mask together, each axis with probability `p`."""
+  horizontal: bool = True
+  vertical: bool = False
+  p: float = 0.5
+
+  def random_map(self, element: Record, rng: np.random.Generator) -> Record:
+    _check_mask(element, "RandomFlip")
+    draws = rng.uniform(size=2)
+    out = dict(element)
+    for axis, on, draw in ((1, self.horizontal, draws[0]), (0, self.vertical, draws[1])):
+      if on and draw < self.p:
+        out["image"] = np.flip(out["image"], axis)
+        if "mask" in out:
+          out["mask"] = np.flip(out["mask"], axis)
+    out["image"] = np.ascontiguousarray(out["image"])
+    if "mask" in out:
+      out["mask"] = np.ascontiguousarray(out["mask"])
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ToChannels(grain.transforms.Map):
+  """Converts the image to `channels` (grey -> RGB repeats; RGB -> grey is luma)."""
+  channels: int
+
+  def map(self, element: Record) -> Record:
+    return {**element, "image": convert_channels(element["image"], self.channels)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalize(grain.transforms.Map):
+  """Outputs a float32 image.
+
+  mode "unit": uint8 -> x / 255; float32 passes through, or with
+  `value_range=(lo, hi)` (e.g. a HU window) is clipped and rescaled to [0, 1].
+  mode "standardize": the unit image minus `mean`, divided by `std` (scalars
+  or per channel); with mean/std None, per-image standardization.
+  mode "none": only casts to float32.
+  """
+  mode: str = "unit"
+  mean: float | tuple[float, ...] | None = None
+  std: float | tuple[float, ...] | None = None
+  value_range: tuple[float, float] | None = None
+
+  def __post_init__(self):
+    if self.mode not in ("unit", "standardize", "none"):
+      raise DataError(f"Normalize mode must be 'unit', 'standardize' or 'none', got {self.mode!r}")
+
+  def map(self, element: Record) -> Record:
+    image = element["image"]
+    if self.mode == "none":
+      return {**element, "image": image.astype(np.float32)}
+    if image.dtype == np.uint8:
+      x = image.astype(np.float32) * np.float32(1 / 255)
+    elif self.value_range is not None:
+      lo, hi = self.value_range
+      x = (np.clip(image.astype(np.float32), lo, hi) - np.float32(lo)) / np.float32(hi - lo)
+    else:
+      x = image.astype(np.float32)
+    if self.mode == "standardize":
+      if self.mean is None or self.std is None:
+        x = (x - x.mean()) / np.float32(x.std() + 1e-6)
+      else:
+        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+    return {**element, "image": x.astype(np.float32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Cast(grain.transforms.Map):
+  """Casts record fields, e.g. Cast((("image", "float32"), ("mask", "int32")))."""
+  dtypes: tuple[tuple[str, str], ...] = (("image", "float32"),)
+
+  def map(self, element: Record) -> Record:
+    out = dict(element)
+    for key, dtype in self.dtypes:
+      if key in out:
+        out[key] = np.asarray(out[key]).astype(dtype)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckShapes(grain.transforms.Map):
+  """Defensive final check: fixed image shape and a mask matching the image."""
+  size: int | tuple[int, int]
+  channels: int | None = None
+
+  def map(self, element: Record) -> Record:
+    _check_mask(element, "CheckShapes")
+    shape = element["image"].shape
+    want = _hw(self.size) + ((self.channels,) if self.channels else shape[2:])
+    if shape != want:
+      raise DataError(f"element {element.get('index', '?')}: image shape {shape} after "
+                      f"transforms, expected {want}")
+    return element
+
+
+def build_transforms(data_cfg: Any, train: bool) -> list[Any]:
+  """Standard host pipeline from a data ConfigDict.
+
+  Reads `image_size`, `channels`, `random_crop`, `flip`, `normalize` and
+  (optional) `crop_resize_ratio` (default 1.125), `window_level`/`window_width`
+  (HU window used as Normalize value_range for float images). Train with
+  `random_crop`: Resize(ratio * size) then RandomCrop(size); otherwise
+  Resize(size). Train with `flip`: horizontal RandomFlip.
+  """
+  size = int(data_cfg.image_size)
+  channels = data_cfg.get("channels", None)
+  out: list[Any] = []
+  if train and data_cfg.get("random_crop", False):
+    ratio = float(data_cfg.get("crop_resize_ratio", 1.125))
+    out += [Resize(int(round(size * ratio))), RandomCrop(size)]
+  else:
+    out.append(Resize(size))
+  if train and data_cfg.get("flip", False):
+    out.append(RandomFlip(horizontal=True))
+  if channels:
+    out.append(ToChannels(int(channels)))
+  from medrep_jax.data.registry import window_of  # pylint: disable=g-import-not-at-top
+  window = window_of(data_cfg)
+  value_range = None if window is None else (window[0] - window[1] / 2,
+                                             window[0] + window[1] / 2)
+  out.append(Normalize(mode=str(data_cfg.get("normalize", "unit")), value_range=value_range))
+  out.append(CheckShapes(size, int(channels) if channels else None))
+  return out
+
+
+def apply_transforms(record: Record, transforms: Sequence[Any],
+                     rng: np.random.Generator | None = None) -> Record:
+  """Applies transforms to one record outside grain (tests, notebooks)."""
+  rng = rng if rng is not None else np.random.default_rng(0)
+  for t in transforms:
+    if isinstance(t, grain.transforms.RandomMap):
+      record = t.random_map(record, rng)
+    else:
+      record = t.map(record)
+  return record

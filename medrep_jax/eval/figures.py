@@ -1,0 +1,168 @@
+"""PNG figures for run reports: overlays, confusion matrices, grids, curves.
+
+Uses matplotlib's object API with the Agg canvas (no pyplot, no display, no
+global state), so it is safe in headless runs and threads. Every function
+creates the parent folder, writes a PNG at ``dpi`` (100 by default) and
+returns the path as a string.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Mapping, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+_CELL = 1.6  # inches per image cell
+
+
+def _save(fig: Figure, path: str | os.PathLike, dpi: int) -> str:
+  path = os.fspath(path)
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  FigureCanvasAgg(fig)
+  fig.savefig(path, dpi=dpi, format="png")
+  return path
+
+
+def to_display(image: np.ndarray) -> np.ndarray:
+  """Min-max normalizes one image to [0, 1]; (H, W, 1) -> (H, W); >3 channels keep the first 3."""
+  x = np.asarray(image, np.float64)
+  if x.ndim == 3:
+    x = x[..., 0] if x.shape[-1] in (1, 2) else x[..., :3]
+  lo, hi = np.nanmin(x), np.nanmax(x)
+  return np.clip((x - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(x)
+
+
+def _class_colors(num: int) -> np.ndarray:
+  from matplotlib import colormaps  # pylint: disable=g-import-not-at-top
+  cmap = colormaps["tab10"]
+  return np.array([cmap((k - 1) % 10)[:3] for k in range(num)])
+
+
+def overlay_mask(image: np.ndarray, mask: np.ndarray, alpha: float = 0.4) -> np.ndarray:
+  """RGB image with classes > 0 alpha-filled and their boundaries drawn opaque."""
+  rgb = to_display(image)
+  if rgb.ndim == 2:
+    rgb = np.repeat(rgb[..., None], 3, axis=-1)
+  mask = np.asarray(mask).astype(np.int64)
+  colors = _class_colors(int(mask.max()) + 1 if mask.size else 1)
+  out = rgb.copy()
+  fg = mask > 0
+  out[fg] = (1 - alpha) * rgb[fg] + alpha * colors[mask[fg]]
+  edge = np.zeros_like(fg)
+  rows, cols = mask[1:, :] != mask[:-1, :], mask[:, 1:] != mask[:, :-1]
+  edge[1:, :] |= rows
+  edge[:-1, :] |= rows
+  edge[:, 1:] |= cols
+  edge[:, :-1] |= cols
+  edge &= fg
+  out[edge] = colors[mask[edge]]
+  return out
+
+
+def segmentation_overlay_grid(images: np.ndarray, true_masks: np.ndarray,
+                              pred_masks: np.ndarray, path: str | os.PathLike,
+                              max_items: int = 8, title: str | None = None,
+                              dpi: int = 100) -> str:
+  """Three rows: image / ground truth overlaid / prediction overlaid.
+
+  Args:
+    images: (N, H, W, C) or (N, H, W), any range (each is min-max normalized).
+    true_masks, pred_masks: (N, H, W) integer masks, 0 = background.
+    path: output PNG path.
+    max_items: at most this many columns (the first items).
+    title: optional figure title.
+    dpi: resolution.
+  """
+  n = min(len(images), max_items)
+  fig = Figure(figsize=(_CELL * n, _CELL * 3 + (0.4 if title else 0)))
+  axes = fig.subplots(3, n, squeeze=False)
+  for j in range(n):
+    rows = [to_display(images[j]), overlay_mask(images[j], true_masks[j]),
+            overlay_mask(images[j], pred_masks[j])]
+    for i, (img, label) in enumerate(zip(rows, ("image", "ground truth", "prediction"))):
+      ax = axes[i, j]
+      ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if j == 0:
+        ax.set_ylabel(label, fontsize=8)
+  if title:
+    fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  return _save(fig, path, dpi)
+
+
+def confusion_matrix_figure(cm: np.ndarray, class_names: Sequence[str],
+                            path: str | os.PathLike, normalize: bool = False,
+                            title: str | None = None, dpi: int = 100) -> str:
+  """Heatmap of a (K, K) confusion matrix (rows true, columns predicted) with counts."""
+  cm = np.asarray(cm, np.float64)
+  shown = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1) if normalize else cm
+  k = cm.shape[0]
+  side = max(4.0, 0.55 * k + 2.0)
+  fig = Figure(figsize=(side, side))
+  ax = fig.subplots()
+  im = ax.imshow(shown, cmap="Blues")
+  fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+  ax.set_xticks(range(k), labels=list(class_names), rotation=45, ha="right", fontsize=8)
+  ax.set_yticks(range(k), labels=list(class_names), fontsize=8)
+  ax.set_xlabel("predicted")
+  ax.set_ylabel("true")
+  thresh = shown.max() / 2 if shown.size else 0
+  if k <= 20:
+    for i in range(k):
+      for j in range(k):
+        text = f"{shown[i, j]:.2f}" if normalize else f"{int(cm[i, j])}"
+        ax.text(j, i, text, ha="center", va="center", fontsize=7,
+                color="white" if shown[i, j] > thresh else "black")
+  if title:
+    ax.set_title(title, fontsize=10)
+  fig.tight_layout()
+  return _save(fig, path, dpi)
+
+
+def image_grid(images: np.ndarray, path: str | os.PathLike, nrow: int = 8,
+               titles: Sequence[str] | None = None, dpi: int = 100) -> str:
+  """Grid of images with ``nrow`` images per row (torchvision's convention).
+
+  ``images`` is (N, H, W, C) or (N, H, W), any range; each is min-max
+  normalized for display.
+  """
+  n = len(images)
+  cols = max(1, min(nrow, n))
+  rows = max(1, math.ceil(n / cols))
+  fig = Figure(figsize=(_CELL * cols, _CELL * rows))
+  axes = fig.subplots(rows, cols, squeeze=False)
+  for idx, ax in enumerate(axes.ravel()):
+    ax.axis("off")
+    if idx < n:
+      img = to_display(images[idx])
+      ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
+      if titles is not None:
+        ax.set_title(str(titles[idx]), fontsize=7)
+  fig.tight_layout()
+  return _save(fig, path, dpi)
+
+
+def curve_figure(x: Sequence[float], ys: Mapping[str, Sequence[float]],
+                 path: str | os.PathLike, xlabel: str = "step", ylabel: str = "value",
+                 title: str | None = None, logy: bool = False, dpi: int = 100) -> str:
+  """Line plot of one or more named series against ``x`` (e.g. loss curves)."""
+  fig = Figure(figsize=(5, 3.5))
+  ax = fig.subplots()
+  for name, y in ys.items():
+    ax.plot(np.asarray(x)[:len(y)], np.asarray(y), label=name, linewidth=1.2)
+  if logy:
+    ax.set_yscale("log")
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  if title:
+    ax.set_title(title, fontsize=10)
+  if ys:
+    ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  return _save(fig, path, dpi)

@@ -1,0 +1,215 @@
+"""Host-side (NumPy) evaluation metrics for classification and segmentation.
+
+These run on full arrays gathered at evaluation time, are vectorized, and
+return plain Python floats (NaN where a metric is undefined), so results can
+be written straight to ``metrics.jsonl``.
+
+Classification: accuracy, macro precision/recall/F1, ROC AUC, ECE and the
+confusion matrix (DCL-CsTP reports ACC, PRE, REC, AUC; CAMContrast reports
+mean AUC of multi-label linear probes). Segmentation: Dice, IoU and HD95.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+
+def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
+  """(K, K) int64 counts; rows are true labels, columns are predictions."""
+  labels = np.asarray(labels, np.int64).ravel()
+  preds = np.asarray(preds, np.int64).ravel()
+  return np.bincount(labels * num_classes + preds,
+                     minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+  """1-based ranks of ``x`` with ties given their average rank."""
+  x = np.asarray(x).ravel()
+  order = np.argsort(x, kind="mergesort")
+  xs = x[order]
+  starts = np.r_[0, np.flatnonzero(xs[1:] != xs[:-1]) + 1]
+  ends = np.r_[starts[1:], xs.size]  # exclusive
+  avg = (starts + ends + 1) / 2.0  # mean of 1-based ranks starts+1..ends
+  ranks = np.empty(x.size, np.float64)
+  ranks[order] = np.repeat(avg, ends - starts)
+  return ranks
+
+
+def roc_auc(scores: np.ndarray, targets: np.ndarray) -> float:
+  """Binary ROC AUC via the Mann-Whitney U statistic, ties counted as 1/2.
+
+  AUC = (R_pos - n_pos (n_pos + 1) / 2) / (n_pos n_neg), R_pos the sum of the
+  average ranks of the positives. NaN if only one class is present.
+  """
+  scores = np.asarray(scores, np.float64).ravel()
+  pos = np.asarray(targets).ravel().astype(bool)
+  n_pos = int(pos.sum())
+  n_neg = pos.size - n_pos
+  if n_pos == 0 or n_neg == 0:
+    return float("nan")
+  r_pos = average_ranks(scores)[pos].sum()
+  return float((r_pos - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def multilabel_auc(probs: np.ndarray, targets: np.ndarray,
+                   return_per_class: bool = False) -> Any:
+  """Mean ROC AUC over the K columns of (N, K) ``probs``/``targets``.
+
+  Classes whose targets take one value only are skipped (NaN per class). The
+  mean is NaN if every class is skipped. With ``return_per_class`` returns
+  ``(mean, per_class_array)``.
+  """
+  probs = np.asarray(probs, np.float64)
+  targets = np.asarray(targets)
+  if probs.shape != targets.shape or probs.ndim != 2:
+    raise ValueError(f"probs and targets must both be (N, K); got {probs.shape}, {targets.shape}")
+  per_class = np.array([roc_auc(probs[:, k], targets[:, k]) for k in range(probs.shape[1])])
+  valid = ~np.isnan(per_class)
+  mean = float(per_class[valid].mean()) if valid.any() else float("nan")
+  return (mean, per_class) if return_per_class else mean
+
+
+def _as_class_probs(probs: np.ndarray, label_ndim: int) -> np.ndarray:
+  """(..., K) class probabilities; a binary P(class 1) array gets K = 2."""
+  probs = np.asarray(probs, np.float64)
+  if probs.ndim == label_ndim:
+    probs = np.stack([1.0 - probs, probs], axis=-1)
+  elif probs.ndim != label_ndim + 1:
+    raise ValueError(f"probs must have the labels' shape (binary) or one more axis; "
+                     f"got probs {probs.shape} for labels with {label_ndim} dims")
+  return probs
+
+
+def ece(probs: np.ndarray, labels: np.ndarray, num_bins: int = 15) -> float:
+  """Expected calibration error of the top-label confidence (Guo et al., 2017).
+
+  ECE = sum_b (n_b / N) |acc_b - conf_b| over ``num_bins`` equal-width bins
+  (lo, hi] of [0, 1] (confidence 0 falls in the first bin). ``probs`` is
+  (..., K) with ``labels`` (...), or P(class 1) with the labels' shape; any
+  leading shape works, so it also gives pixel-level ECE for segmentation.
+  """
+  labels = np.asarray(labels)
+  p = _as_class_probs(probs, labels.ndim)
+  p = p.reshape(-1, p.shape[-1])
+  if p.shape[0] == 0:
+    return float("nan")
+  conf = p.max(axis=1)
+  correct = (p.argmax(axis=1) == labels.ravel()).astype(np.float64)
+  bins = np.clip(np.ceil(conf * num_bins).astype(np.int64) - 1, 0, num_bins - 1)
+  gap = np.bincount(bins, weights=correct - conf, minlength=num_bins)
+  return float(np.abs(gap).sum() / conf.size)
+
+
+def classification_metrics(probs: np.ndarray, labels: np.ndarray,
+                           num_classes: int) -> dict[str, Any]:
+  """Accuracy, macro precision/recall/F1, AUC, ECE and the confusion matrix.
+
+  Args:
+    probs: (N, K) class probabilities, or (N,) P(class 1) for binary tasks.
+    labels: (N,) integer labels.
+    num_classes: K.
+
+  Returns:
+    Floats ``accuracy``, ``precision``, ``recall``, ``f1`` (macro: per-class
+    values averaged over the K classes, a class with no predicted or no true
+    examples scoring 0 for that term), ``auc`` (binary ROC AUC of P(class 1);
+    for K > 2 the macro one-vs-rest AUC over classes present with both
+    values; NaN if undefined) and ``ece`` (15 bins), plus
+    ``confusion_matrix`` as a nested list of ints (rows true, columns pred),
+    the one non-scalar entry.
+  """
+  labels = np.asarray(labels, np.int64).ravel()
+  p = _as_class_probs(probs, 1)
+  if p.shape != (labels.size, num_classes):
+    raise ValueError(f"probs shape {np.shape(probs)} does not fit {labels.size} labels "
+                     f"and num_classes={num_classes}")
+  preds = p.argmax(axis=1)
+  cm = confusion_matrix(labels, preds, num_classes)
+  tp = np.diag(cm).astype(np.float64)
+  pred_count, true_count = cm.sum(axis=0), cm.sum(axis=1)
+  precision = np.divide(tp, pred_count, out=np.zeros_like(tp), where=pred_count > 0)
+  recall = np.divide(tp, true_count, out=np.zeros_like(tp), where=true_count > 0)
+  denom = precision + recall
+  f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+  if num_classes == 2:
+    auc = roc_auc(p[:, 1], labels == 1)
+  else:
+    auc = multilabel_auc(p, np.eye(num_classes, dtype=np.int64)[labels])
+  return {
+      "accuracy": float(tp.sum() / max(labels.size, 1)),
+      "precision": float(precision.mean()),
+      "recall": float(recall.mean()),
+      "f1": float(f1.mean()),
+      "auc": auc,
+      "ece": ece(p, labels),
+      "confusion_matrix": cm.tolist(),
+  }
+
+
+def _boundary(mask: np.ndarray) -> np.ndarray:
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  return mask & ~ndimage.binary_erosion(mask, structure=np.ones((3, 3), bool),
+                                        border_value=0)
+
+
+def hd95(a: np.ndarray, b: np.ndarray, spacing: Sequence[float] | None = None) -> float:
+  """95th-percentile symmetric Hausdorff distance between two 2-D boolean masks.
+
+  Boundaries are the mask pixels with a background 8-neighbour (pixels on
+  the image border count as boundary). HD95 = max(P95(d(∂A, ∂B)),
+  P95(d(∂B, ∂A))), the MedPy/MONAI convention, in pixels (or in ``spacing``
+  units). NaN if either mask is empty.
+  """
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  a, b = np.asarray(a, bool), np.asarray(b, bool)
+  if not a.any() or not b.any():
+    return float("nan")
+  ba, bb = _boundary(a), _boundary(b)
+  d_to_b = ndimage.distance_transform_edt(~bb, sampling=spacing)
+  d_to_a = ndimage.distance_transform_edt(~ba, sampling=spacing)
+  return float(max(np.percentile(d_to_b[ba], 95), np.percentile(d_to_a[bb], 95)))
+
+
+def segmentation_metrics(pred_mask: np.ndarray, true_mask: np.ndarray, num_classes: int,
+                         spacing: Sequence[float] | None = None) -> dict[str, float | int]:
+  """Mean Dice, mean IoU and mean HD95 over foreground classes.
+
+  Args:
+    pred_mask, true_mask: (N, H, W) integer label maps; class 0 is background.
+    num_classes: K including background (2 for binary segmentation).
+    spacing: optional pixel spacing for HD95.
+
+  Returns:
+    ``dice`` and ``iou``: per image and foreground class Dice = 2|A∩B| /
+    (|A| + |B|) and IoU = |A∩B| / |A∪B| (1.0 when both masks are empty),
+    averaged over images, then over classes 1..K-1. ``hd95``: see ``hd95``;
+    (image, class) pairs where either mask is empty are excluded, averaged
+    like Dice over the remaining pairs (NaN if none remain), and
+    ``hd95_excluded`` counts the excluded pairs.
+  """
+  if num_classes < 2:
+    raise ValueError(f"num_classes counts background and must be >= 2, got {num_classes}")
+  pred = np.asarray(pred_mask)
+  true = np.asarray(true_mask)
+  if pred.shape != true.shape or pred.ndim != 3:
+    raise ValueError(f"masks must both be (N, H, W); got {pred.shape} and {true.shape}")
+  dices, ious, hds, excluded = [], [], [], 0
+  for c in range(1, num_classes):
+    a, b = pred == c, true == c
+    inter = np.sum(a & b, axis=(1, 2)).astype(np.float64)
+    sa, sb = a.sum(axis=(1, 2)), b.sum(axis=(1, 2))
+    union = sa + sb - inter
+    empty = (sa + sb) == 0
+    dices.append(np.where(empty, 1.0, 2 * inter / np.maximum(sa + sb, 1)).mean())
+    ious.append(np.where(empty, 1.0, inter / np.maximum(union, 1)).mean())
+    h = np.array([hd95(a[i], b[i], spacing) for i in range(pred.shape[0])])
+    excluded += int(np.isnan(h).sum())
+    hds.append(np.nanmean(h) if (~np.isnan(h)).any() else np.nan)
+  hds = np.asarray(hds, np.float64)
+  return {
+      "dice": float(np.mean(dices)),
+      "iou": float(np.mean(ious)),
+      "hd95": float(np.nanmean(hds)) if (~np.isnan(hds)).any() else float("nan"),
+      "hd95_excluded": excluded,
+  }

@@ -1,0 +1,251 @@
+"""U-Net decoders, the classic U-Net, ResNet-U-Net and an encoder+head classifier.
+
+Every encoder here returns the same features dict as ``resnet.ResNet``: keys
+``"c1"``..``"cN"`` (shallow to deep) plus ``"pooled"`` (B, C). Every composite
+model keeps its encoder as a submodule named ``encoder``, so pretrained
+encoder parameters can be copied into ``params["encoder"]`` by path.
+
+References: Ronneberger et al., "U-Net", MICCAI 2015 (classic U-Net); the
+DCL-CsTP paper (IEEE Access 2025, Sec. III-E) fine-tunes a U-Net decoder on
+the ResNet-50 stages with skips.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from medrep_jax.models import resnet
+from medrep_jax.models.resnet import Dtype, Features, make_norm
+
+_PAD3 = ((1, 1), (1, 1))
+
+
+def feature_keys(features: Mapping[str, jnp.ndarray]) -> list[str]:
+  """The ``"c<i>"`` keys of a features dict, shallow to deep."""
+  keys = [k for k in features if k.startswith("c") and k[1:].isdigit()]
+  return sorted(keys, key=lambda k: int(k[1:]))
+
+
+def last_feature_map(features: Mapping[str, jnp.ndarray]) -> jnp.ndarray:
+  """The deepest feature map (the map a CAM is computed on)."""
+  return features[feature_keys(features)[-1]]
+
+
+class ConvBlock(nn.Module):
+  """``num_convs`` x (3x3 conv -> norm -> ReLU)."""
+  features: int
+  norm: str = "batch"
+  num_convs: int = 2
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    for i in range(self.num_convs):
+      x = nn.Conv(self.features, (3, 3), padding=_PAD3,
+                  use_bias=self.norm == "none", dtype=self.dtype,
+                  param_dtype=jnp.float32, name=f"conv{i + 1}")(x)
+      x = nn.relu(make_norm(self.norm, x, train, name=f"norm{i + 1}",
+                            dtype=self.dtype))
+    return x
+
+
+def _resize(x: jnp.ndarray, hw: tuple[int, int]) -> jnp.ndarray:
+  """Bilinear resize of NHWC ``x`` to spatial size ``hw`` (half-pixel centres)."""
+  if x.shape[1:3] == tuple(hw):
+    return x
+  return jax.image.resize(x, (x.shape[0], *hw, x.shape[-1]), "bilinear")
+
+
+class UNetDecoder(nn.Module):
+  """U-Net decoder over an encoder features dict.
+
+  Starting from the deepest map, each step upsamples x2 (bilinear, or a 2x2
+  transposed conv with ``upsample="transpose"`` as in Ronneberger et al.),
+  concatenates the next shallower skip and applies two 3x3 conv-norm-ReLU.
+  If the shallowest skip is still below ``output_size`` (ResNet ``c1`` has
+  stride 2), one more upsample + conv block without skip reaches full
+  resolution. A 1x1 conv gives ``num_classes`` float32 logits.
+
+  Attributes:
+    widths: one width per decoding step, deep to shallow; extra entries are
+      unused, too few raise ValueError.
+    num_classes: output channels.
+    norm: "batch", "group" or "none".
+    upsample: "bilinear" or "transpose".
+    dtype: compute dtype.
+  """
+  widths: Sequence[int]
+  num_classes: int
+  norm: str = "batch"
+  upsample: str = "bilinear"
+  dtype: Dtype = jnp.float32
+
+  def _up(self, x: jnp.ndarray, hw: tuple[int, int], width: int,
+          name: str) -> jnp.ndarray:
+    if self.upsample == "bilinear":
+      return _resize(x, hw)
+    if self.upsample == "transpose":
+      x = nn.ConvTranspose(width, (2, 2), strides=(2, 2), dtype=self.dtype,
+                           param_dtype=jnp.float32, name=name)(x)
+      return _resize(x, hw)
+    raise ValueError(f"upsample must be 'bilinear' or 'transpose', got {self.upsample!r}")
+
+  @nn.compact
+  def __call__(self, features: Mapping[str, jnp.ndarray], train: bool,
+               output_size: tuple[int, int] | None = None) -> jnp.ndarray:
+    keys = feature_keys(features)
+    if not keys:
+      raise ValueError(f"features has no 'c<i>' keys: {sorted(features)}")
+    x = features[keys[-1]]
+    skips = [features[k] for k in reversed(keys[:-1])]
+    shallow_hw = (skips[-1] if skips else x).shape[1:3]
+    final = output_size is not None and tuple(output_size) != shallow_hw
+    n_steps = len(skips) + int(bool(final))
+    if len(self.widths) < n_steps:
+      raise ValueError(f"decoder needs {n_steps} widths for features {keys} and "
+                       f"output_size {output_size}, got widths={tuple(self.widths)}")
+    for i, skip in enumerate(skips):
+      x = self._up(x, skip.shape[1:3], self.widths[i], name=f"up{i}")
+      x = jnp.concatenate([x.astype(self.dtype), skip.astype(self.dtype)], -1)
+      x = ConvBlock(self.widths[i], self.norm, dtype=self.dtype,
+                    name=f"block{i}")(x, train)
+    if final:
+      i = len(skips)
+      x = self._up(x, tuple(output_size), self.widths[i], name=f"up{i}")
+      x = ConvBlock(self.widths[i], self.norm, dtype=self.dtype,
+                    name=f"block{i}")(x, train)
+    logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype,
+                     param_dtype=jnp.float32, name="logits")(x)
+    return logits.astype(jnp.float32)
+
+
+class UNetEncoder(nn.Module):
+  """Contracting path of the classic U-Net.
+
+  Level i applies two 3x3 conv-norm-ReLU at width ``widths[i]`` after a 2x2
+  max-pool (no pool at level 0). Returns ``{"c1": stride 1, ..., "cN": stride
+  2**(N-1), "pooled": GAP of cN}``.
+  """
+  widths: Sequence[int] = (32, 64, 128, 256)
+  norm: str = "batch"
+  dtype: Dtype = jnp.float32
+
+  @property
+  def feature_dim(self) -> int:
+    return self.widths[-1]
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool) -> Features:
+    x = x.astype(self.dtype)
+    feats = {}
+    for i, w in enumerate(self.widths):
+      if i > 0:
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = ConvBlock(w, self.norm, dtype=self.dtype, name=f"level{i + 1}")(x, train)
+      feats[f"c{i + 1}"] = x
+    feats["pooled"] = jnp.mean(x, axis=(1, 2))
+    return feats
+
+
+class UNet(nn.Module):
+  """Classic U-Net (Ronneberger et al., 2015) with a 2x2 transposed-conv up path.
+
+  ``__call__(x, train) -> logits (B, H, W, num_classes)``, float32. H and W
+  should be divisible by ``2**(len(widths) - 1)`` for exact skip alignment
+  (other sizes work; upsampled maps are resized to the skip size).
+  """
+  num_classes: int
+  widths: Sequence[int] = (32, 64, 128, 256)
+  norm: str = "batch"
+  upsample: str = "transpose"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    feats = UNetEncoder(self.widths, self.norm, self.dtype, name="encoder")(x, train)
+    return UNetDecoder(tuple(reversed(self.widths[:-1])), self.num_classes,
+                       self.norm, self.upsample, self.dtype,
+                       name="decoder")(feats, train, output_size=x.shape[1:3])
+
+
+class ResNetUNet(nn.Module):
+  """U-Net with a ResNet encoder (DCL-CsTP Sec. III-E; train it with eq. 9).
+
+  Attributes:
+    num_classes: logit channels (1 for binary masks with BCE/IoU losses).
+    encoder: ResNet name for ``resnet.get_resnet``; the submodule itself is
+      named ``encoder``, so ``params["encoder"]`` matches a ResNet's params.
+    norm, small_input, dtype: passed to the encoder (norm also to decoder).
+    decoder_widths: deep to shallow; 5 steps are used with the ImageNet stem
+      (c5->c4->c3->c2->c1->full res), 4 with ``small_input``.
+  """
+  num_classes: int
+  encoder: str = "resnet50"
+  norm: str = "batch"
+  small_input: bool = False
+  dtype: Dtype = jnp.float32
+  decoder_widths: Sequence[int] = (256, 128, 64, 32, 16)
+  upsample: str = "bilinear"
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    enc = resnet.get_resnet(self.encoder, norm=self.norm, dtype=self.dtype,
+                            small_input=self.small_input, name="encoder")
+    feats = enc(x, train)
+    return UNetDecoder(self.decoder_widths, self.num_classes, self.norm,
+                       self.upsample, self.dtype,
+                       name="decoder")(feats, train, output_size=x.shape[1:3])
+
+
+ENCODER_NAMES = resnet.RESNET_NAMES + ("unet_encoder",)
+
+
+def get_encoder(name: str, /, **kw: Any) -> nn.Module:
+  """Encoder by name: a ResNet name or "unet_encoder"; ``kw`` are its attributes.
+
+  Raises:
+    ValueError: unknown ``name`` (the message lists the valid names).
+  """
+  if name in resnet.RESNET_NAMES:
+    return resnet.get_resnet(name, **kw)
+  if name == "unet_encoder":
+    return UNetEncoder(**kw)
+  raise ValueError(f"unknown encoder {name!r}; valid names: {list(ENCODER_NAMES)}")
+
+
+class Classifier(nn.Module):
+  """Encoder + linear head on pooled features (DCL-CsTP eq. 8, CAMContrast eq. 1).
+
+  Attributes:
+    num_classes: logits width.
+    encoder: an encoder module (e.g. ``get_encoder("resnet18", norm="group")``)
+      or a name for ``get_encoder`` with default attributes; in both cases the
+      submodule is named ``encoder``. See also ``make_classifier``.
+
+  ``__call__(x, train, return_features=False)`` returns float32 logits
+  (B, num_classes), or ``(logits, features)`` where ``features`` is the
+  encoder's dict; a CAM is ``last_feature_map(features) @
+  params["head"]["kernel"]``.
+  """
+  num_classes: int
+  encoder: Any = "resnet50"
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool, return_features: bool = False):
+    if isinstance(self.encoder, str):
+      enc = get_encoder(self.encoder, name="encoder")
+    else:
+      enc = self.encoder  # A module attribute is bound as child "encoder".
+    feats = enc(x, train)
+    logits = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32,
+                      name="head")(feats["pooled"].astype(jnp.float32))
+    return (logits, feats) if return_features else logits
+
+
+def make_classifier(encoder_name: str, num_classes: int, **encoder_kw: Any) -> Classifier:
+  """``Classifier`` over ``get_encoder(encoder_name, **encoder_kw)``."""
+  return Classifier(num_classes=num_classes,
+                    encoder=get_encoder(encoder_name, **encoder_kw))

@@ -1,0 +1,116 @@
+"""Host-side transforms: shapes, dtypes, nearest-neighbour masks, determinism."""
+import grain
+import ml_collections
+import numpy as np
+import pytest
+
+from medrep_jax.data import transforms as T
+from medrep_jax.data.phantoms import Phantoms
+from medrep_jax.data.sources import DataError
+
+
+def _record(h=40, w=50, c=3, dtype=np.uint8, mask_ids=(0, 1, 2)):
+  rng = np.random.default_rng(0)
+  if dtype == np.uint8:
+    image = rng.integers(0, 256, (h, w, c), dtype=np.uint8)
+  else:
+    image = rng.uniform(-1024, 2000, (h, w, c)).astype(np.float32)
+  mask = rng.choice(np.array(mask_ids, np.uint8), size=(h, w))
+  return {"image": image, "mask": mask, "label": np.int32(1), "index": np.int64(7)}
+
+
+def _cfg(**kw):
+  base = dict(image_size=32, channels=3, random_crop=True, flip=True, normalize="unit")
+  return ml_collections.ConfigDict({**base, **kw})
+
+
+@pytest.mark.parametrize("c,dtype,channels", [(3, np.uint8, 3), (1, np.uint8, 3),
+                                              (3, np.uint8, 1), (1, np.float32, 1)])
+@pytest.mark.parametrize("train", [True, False])
+def test_build_transforms_output(c, dtype, channels, train):
+  rec = _record(c=c, dtype=dtype)
+  cfg = _cfg(channels=channels, window_level=500.0, window_width=3000.0)
+  out = T.apply_transforms(rec, T.build_transforms(cfg, train), np.random.default_rng(1))
+  assert out["image"].shape == (32, 32, channels) and out["image"].dtype == np.float32
+  assert out["mask"].shape == (32, 32) and out["mask"].dtype == np.uint8
+  assert 0.0 <= out["image"].min() and out["image"].max() <= 1.0
+  assert set(np.unique(out["mask"])) <= {0, 1, 2}
+  assert out["label"] == 1 and out["index"] == 7
+
+
+def test_resize_keeps_mask_values_and_float_images():
+  rec = _record(dtype=np.float32, c=1, mask_ids=(0, 3, 7))
+  out = T.Resize((17, 23)).map(rec)
+  assert out["image"].shape == (17, 23, 1) and out["image"].dtype == np.float32
+  assert set(np.unique(out["mask"])) <= {0, 3, 7} and out["mask"].shape == (17, 23)
+  smooth = T.Resize(8).map({"image": np.full((40, 40, 1), -1000.0, np.float32)})["image"]
+  np.testing.assert_allclose(smooth, -1000.0)  # HU values survive resizing
+  up = T.Resize(80).map(rec)
+  assert set(np.unique(up["mask"])) <= {0, 3, 7}
+
+
+def test_flip_and_crop_move_image_and_mask_together():
+  rows, cols = np.meshgrid(np.arange(30), np.arange(30), indexing="ij")
+  label_of = lambda r, c: ((7 * r + 3 * c) % 5).astype(np.uint8)
+  image = np.stack([rows, cols, np.zeros_like(rows)], -1).astype(np.uint8)
+  rec = {"image": image, "mask": label_of(rows, cols)}
+  flipped = 0
+  for seed in range(12):
+    rng = np.random.default_rng(seed)
+    out = T.RandomCrop(20).random_map(rec, rng)
+    out = T.RandomFlip(horizontal=True, vertical=True).random_map(out, rng)
+    r, c = out["image"][..., 0].astype(int), out["image"][..., 1].astype(int)
+    # every output pixel's mask is still the mask of the pixel its image came from
+    np.testing.assert_array_equal(out["mask"], label_of(r, c))
+    flipped += int(c[0, 0] > c[0, -1])
+  assert 0 < flipped < 12
+  centre = T.CenterCrop(10).map(rec)
+  np.testing.assert_array_equal(centre["mask"], rec["mask"][10:20, 10:20])
+  with pytest.raises(DataError, match="smaller than the crop"):
+    T.CenterCrop(40).map(rec)
+
+
+def test_exact_flip():
+  rec = _record()
+  rng = np.random.default_rng(0)
+  out = T.RandomFlip(horizontal=True, p=1.0).random_map(rec, rng)
+  np.testing.assert_array_equal(out["image"], rec["image"][:, ::-1])
+  np.testing.assert_array_equal(out["mask"], rec["mask"][:, ::-1])
+
+
+def test_random_transforms_deterministic_in_grain():
+  src = Phantoms("val", num_examples=8)
+  def run(seed):
+    ds = grain.MapDataset.source(src)
+    for t in T.build_transforms(_cfg(channels=1), train=True):
+      ds = ds.random_map(t, seed=seed) if isinstance(t, grain.transforms.RandomMap) else ds.map(t)
+    return [r["image"] for r in ds]
+  a, b, c = run(1), run(1), run(2)
+  assert all(np.array_equal(x, y) for x, y in zip(a, b))
+  assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+  batch = next(iter(grain.MapDataset.source(src).map(T.Resize(32)).batch(4)))
+  assert batch["image"].shape == (4, 32, 32, 1)
+
+
+def test_normalize_channels_cast_and_checks():
+  rec = _record(c=3)
+  unit = T.Normalize("unit").map(rec)["image"]
+  np.testing.assert_allclose(unit, rec["image"] / 255.0, rtol=1e-6)
+  std = T.Normalize("standardize", mean=0.5, std=0.25).map(rec)["image"]
+  np.testing.assert_allclose(std, (rec["image"] / 255.0 - 0.5) / 0.25, rtol=1e-5, atol=1e-5)
+  per_image = T.Normalize("standardize").map(rec)["image"]
+  assert abs(per_image.mean()) < 1e-4 and abs(per_image.std() - 1) < 1e-3
+  hu = {"image": np.array([[[-2000.0], [0.0], [3000.0]]], np.float32)}
+  np.testing.assert_allclose(T.Normalize(value_range=(-1000, 1000)).map(hu)["image"].ravel(),
+                             [0.0, 0.5, 1.0])
+  grey = T.ToChannels(1).map(rec)["image"]
+  assert grey.shape == (40, 50, 1) and grey.dtype == np.uint8
+  assert T.ToChannels(3).map({"image": grey})["image"].shape == (40, 50, 3)
+  assert T.Cast((("mask", "int32"),)).map(rec)["mask"].dtype == np.int32
+  bad = dict(rec, mask=rec["mask"][:10])
+  with pytest.raises(DataError, match=r"element 7.*\(40, 50, 3\).*\(10, 50\)"):
+    T.CheckShapes(40).map(bad)
+  with pytest.raises(DataError, match="element 7"):
+    T.Resize(16).map(bad)
+  with pytest.raises(DataError, match="Normalize mode"):
+    T.Normalize("zscore")

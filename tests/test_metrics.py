@@ -1,0 +1,254 @@
+"""Tests for medrep_jax.eval.metrics (vs brute force) and medrep_jax.eval.figures."""
+import itertools
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medrep_jax.eval import figures
+from medrep_jax.eval import metrics as M
+
+
+# ---------------------------------------------------------------- references
+
+
+def _pairwise_auc(scores, targets):
+  """O(N^2) definition: P(score_pos > score_neg) + 0.5 P(tie)."""
+  pos, neg = scores[targets == 1], scores[targets == 0]
+  wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+  return wins / (len(pos) * len(neg))
+
+
+def _loop_ece(probs, labels, bins=15):
+  conf, pred = probs.max(1), probs.argmax(1)
+  total = 0.0
+  for b in range(bins):
+    lo, hi = b / bins, (b + 1) / bins
+    sel = (conf > lo) & (conf <= hi) if b > 0 else (conf <= hi)
+    if sel.any():
+      total += sel.mean() * abs((pred[sel] == labels[sel]).mean() - conf[sel].mean())
+  return total
+
+
+def _loop_boundary(mask):
+  h, w = mask.shape
+  pts = []
+  for i, j in zip(*np.nonzero(mask)):
+    for di, dj in itertools.product((-1, 0, 1), repeat=2):
+      a, b = i + di, j + dj
+      if not (0 <= a < h and 0 <= b < w) or not mask[a, b]:
+        pts.append((i, j))
+        break
+  return np.array(pts, np.float64)
+
+
+def _brute_hd95(a, b):
+  pa, pb = _loop_boundary(a), _loop_boundary(b)
+  d = np.sqrt(((pa[:, None] - pb[None]) ** 2).sum(-1))
+  return max(np.percentile(d.min(1), 95), np.percentile(d.min(0), 95))
+
+
+# ---------------------------------------------------------- classification
+
+
+def test_average_ranks_with_ties():
+  np.testing.assert_allclose(M.average_ranks(np.array([3, 1, 3, 2, 3])), [4, 1, 4, 2, 4])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_roc_auc_matches_pairwise_definition_with_ties(seed):
+  rng = np.random.default_rng(seed)
+  scores = rng.integers(0, 5, size=60).astype(float)  # many ties
+  targets = rng.integers(0, 2, size=60)
+  assert M.roc_auc(scores, targets) == pytest.approx(_pairwise_auc(scores, targets))
+
+
+def test_roc_auc_edge_cases():
+  assert M.roc_auc([0.1, 0.9], [0, 1]) == 1.0
+  assert M.roc_auc([0.9, 0.1], [0, 1]) == 0.0
+  assert M.roc_auc([0.5, 0.5, 0.5], [0, 1, 1]) == 0.5
+  assert math.isnan(M.roc_auc([0.2, 0.3], [1, 1]))
+
+
+def test_multilabel_auc_skips_constant_classes():
+  rng = np.random.default_rng(3)
+  probs = rng.random((40, 3))
+  targets = rng.integers(0, 2, size=(40, 3))
+  targets[:, 1] = 1
+  mean, per = M.multilabel_auc(probs, targets, return_per_class=True)
+  assert math.isnan(per[1])
+  ref = [_pairwise_auc(probs[:, k], targets[:, k]) for k in (0, 2)]
+  assert mean == pytest.approx(np.mean(ref))
+  assert math.isnan(M.multilabel_auc(probs, np.ones_like(targets)))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ece_matches_loop(seed):
+  rng = np.random.default_rng(seed)
+  logits = rng.normal(size=(200, 4)) * 2
+  probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+  labels = rng.integers(0, 4, size=200)
+  assert M.ece(probs, labels) == pytest.approx(_loop_ece(probs, labels))
+  # Binary P(class 1) gives the same as the two-column form.
+  p1 = rng.random(100)
+  y = rng.integers(0, 2, size=100)
+  two = np.stack([1 - p1, p1], 1)
+  assert M.ece(p1, y) == pytest.approx(_loop_ece(two, y))
+
+
+def test_ece_perfectly_calibrated_and_pixelwise():
+  # Confidence 1 and always right: ECE 0; confidence 1 and always wrong: ECE 1.
+  probs = np.eye(3)[[0, 1, 2, 1]]
+  assert M.ece(probs, np.array([0, 1, 2, 1])) == 0.0
+  assert M.ece(probs, np.array([1, 2, 0, 0])) == 1.0
+  seg_probs = np.random.default_rng(0).dirichlet(np.ones(3), size=(2, 5, 6))
+  seg_labels = np.random.default_rng(1).integers(0, 3, size=(2, 5, 6))
+  assert M.ece(seg_probs, seg_labels) == pytest.approx(
+      _loop_ece(seg_probs.reshape(-1, 3), seg_labels.ravel()))
+
+
+def test_confusion_matrix_hand_case():
+  cm = M.confusion_matrix([0, 0, 1, 2, 2, 2], [0, 1, 1, 2, 0, 2], 3)
+  np.testing.assert_array_equal(cm, [[1, 1, 0], [0, 1, 0], [1, 0, 2]])
+
+
+def test_classification_metrics_hand_case_multiclass():
+  labels = np.array([0, 0, 1, 2, 2, 2])
+  preds = np.array([0, 1, 1, 2, 0, 2])
+  probs = np.full((6, 3), 0.1)
+  probs[np.arange(6), preds] = 0.8
+  m = M.classification_metrics(probs, labels, 3)
+  assert m["accuracy"] == pytest.approx(4 / 6)
+  prec = [1 / 2, 1 / 2, 2 / 2]
+  rec = [1 / 2, 1 / 1, 2 / 3]
+  f1 = [2 * p * r / (p + r) for p, r in zip(prec, rec)]
+  assert m["precision"] == pytest.approx(np.mean(prec))
+  assert m["recall"] == pytest.approx(np.mean(rec))
+  assert m["f1"] == pytest.approx(np.mean(f1))
+  ovr = [_pairwise_auc(probs[:, k], (labels == k).astype(int)) for k in range(3)]
+  assert m["auc"] == pytest.approx(np.mean(ovr))
+  assert m["ece"] == pytest.approx(abs(0.8 - 4 / 6))
+  assert m["confusion_matrix"] == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
+
+
+def test_classification_metrics_binary_and_absent_class():
+  rng = np.random.default_rng(5)
+  p1 = rng.random(50)
+  labels = rng.integers(0, 2, size=50)
+  m = M.classification_metrics(p1, labels, 2)
+  assert m["auc"] == pytest.approx(_pairwise_auc(p1, labels))
+  assert m["accuracy"] == pytest.approx(np.mean((p1 >= 0.5) == labels))
+  # A class never predicted and never present scores 0 in the macro averages.
+  probs = np.array([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0]])
+  m = M.classification_metrics(probs, np.array([0, 1]), 3)
+  assert m["precision"] == pytest.approx(2 / 3)
+  assert m["auc"] == pytest.approx(1.0)  # class 2 skipped in one-vs-rest
+  with pytest.raises(ValueError, match="num_classes"):
+    M.classification_metrics(probs, np.array([0, 1]), 4)
+
+
+# ------------------------------------------------------------ segmentation
+
+
+def test_dice_iou_hand_cases():
+  true = np.zeros((3, 4, 4), int)
+  pred = np.zeros((3, 4, 4), int)
+  true[0, :2, :2] = 1            # 4 px
+  pred[0, :2, :] = 1             # 8 px, overlap 4: dice 8/12, iou 4/8
+  true[1, 0, 0] = 1              # pred empty: dice 0, iou 0
+  # image 2: both empty: dice = iou = 1
+  m = M.segmentation_metrics(pred, true, 2)
+  assert m["dice"] == pytest.approx((8 / 12 + 0 + 1) / 3)
+  assert m["iou"] == pytest.approx((4 / 8 + 0 + 1) / 3)
+  assert m["hd95_excluded"] == 2
+
+
+def test_dice_iou_multiclass_average_over_foreground():
+  true = np.array([[[1, 1, 2, 2], [0, 0, 0, 0]]])
+  pred = np.array([[[1, 1, 2, 0], [0, 0, 0, 0]]])
+  m = M.segmentation_metrics(pred, true, 3)
+  assert m["dice"] == pytest.approx((1.0 + 2 / 3) / 2)
+  assert m["iou"] == pytest.approx((1.0 + 1 / 2) / 2)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_hd95_of_offset_squares_is_offset(k):
+  a = np.zeros((48, 48), bool)
+  a[10:30, 10:30] = True
+  b = np.roll(a, k, axis=1)
+  assert M.hd95(a, b) == pytest.approx(k)
+  assert M.hd95(a, a) == 0.0
+  m = M.segmentation_metrics(np.stack([a, a]).astype(int), np.stack([b, a]).astype(int), 2)
+  assert m["hd95"] == pytest.approx(k / 2)
+  assert m["hd95_excluded"] == 0
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_hd95_matches_brute_force(seed):
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[:24, :24]
+  blobs = []
+  for _ in range(2):
+    cy, cx, r = rng.integers(6, 18), rng.integers(6, 18), rng.integers(3, 7)
+    blobs.append(((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r) | (rng.random((24, 24)) < 0.03))
+  assert M.hd95(*blobs) == pytest.approx(_brute_hd95(*blobs))
+  assert M.hd95(blobs[0], blobs[1], spacing=(2.0, 2.0)) == pytest.approx(2 * _brute_hd95(*blobs))
+
+
+def test_hd95_empty_is_nan_and_all_excluded():
+  a = np.zeros((1, 8, 8), int)
+  b = a.copy()
+  b[0, 2:4, 2:4] = 1
+  assert math.isnan(M.hd95(a[0], b[0]))
+  m = M.segmentation_metrics(a, b, 2)
+  assert math.isnan(m["hd95"]) and m["hd95_excluded"] == 1
+  with pytest.raises(ValueError):
+    M.segmentation_metrics(a, b[:, :4], 2)
+
+
+# ----------------------------------------------------------------- figures
+
+
+def _png_size(path):
+  with Image.open(path) as im:
+    im.verify()
+  with Image.open(path) as im:
+    return im.size
+
+
+def test_figures_write_readable_pngs(tmp_path):
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(10, 32, 32, 3)) * 50 + 100
+  true = (rng.random((10, 32, 32)) > 0.7).astype(int)
+  pred = np.roll(true, 2, axis=1) * 2
+
+  p = figures.segmentation_overlay_grid(images, true, pred, tmp_path / "sub" / "ov.png",
+                                        max_items=4, title="val")
+  w, h = _png_size(p)
+  assert 500 <= w <= 800 and 400 <= h <= 600, (w, h)
+
+  p = figures.confusion_matrix_figure(np.array([[5, 1], [2, 7]]), ["a", "b"],
+                                      tmp_path / "cm.png", normalize=True)
+  w, h = _png_size(p)
+  assert 250 <= w <= 500 and 250 <= h <= 500, (w, h)
+
+  p = figures.image_grid(images[:5, ..., :1], tmp_path / "grid.png", nrow=3,
+                         titles=[str(i) for i in range(5)])
+  w, h = _png_size(p)
+  assert 400 <= w <= 600 and 250 <= h <= 400, (w, h)
+
+  p = figures.curve_figure(np.arange(20), {"train": np.exp(-np.arange(20) / 5),
+                                           "eval": np.exp(-np.arange(10) / 4)},
+                           str(tmp_path / "curve.png"), xlabel="step", ylabel="loss", logy=True)
+  assert _png_size(p) == (500, 350)
+
+
+def test_overlay_colors_foreground_only():
+  img = np.zeros((6, 6))
+  mask = np.zeros((6, 6), int)
+  mask[2:5, 2:5] = 1
+  out = figures.overlay_mask(img, mask)
+  assert out.shape == (6, 6, 3)
+  np.testing.assert_array_equal(out[0, 0], 0.0)  # background untouched
+  assert out[3, 3].sum() > 0 and out[2, 2].sum() > out[3, 3].sum()  # boundary opaque
