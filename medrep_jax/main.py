@@ -31,7 +31,8 @@ def main(argv) -> None:
     raise app.UsageError("--config is required, e.g. --config configs/quickstart.py")
   workdir = _WORKDIR.value or os.path.join("runs", os.path.splitext(
       os.path.basename(flags.FLAGS["config"].config_filename))[0])
-  logging.getLogger("absl").setLevel(logging.WARNING)
+  for name in ("absl", "jax._src.xla_bridge"):  # keep the console for the run's own output
+    logging.getLogger(name).setLevel(logging.WARNING)
 
   from medrep_jax.train import mesh as mesh_lib
   mesh_lib.maybe_initialize_distributed(_DISTRIBUTED.value or config.get("distributed", False))

@@ -142,14 +142,13 @@ class Finetune(base.Method):
       acc = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1))
       return loss, {"accuracy": acc}
     mask = batch["mask"]
-    if logits.shape[-1] == 1:
-      if self.config.loss != "iou_bce":
-        raise ValueError(f"loss={self.config.loss!r}; binary segmentation takes iou_bce")
-      loss = seg_losses.iou_bce_loss(logits, mask)  # eq. 9
-      pred = logits[..., 0] > 0
-    else:
+    if self.config.loss == "iou_bce":  # eq. 9 (softmax CE in place of BCE when K > 1)
+      loss = seg_losses.iou_bce_loss(logits, mask)
+    elif self.config.loss == "dice_ce":
       loss = seg_losses.dice_ce_loss(logits, mask)
-      pred = jnp.argmax(logits, -1)
+    else:
+      raise ValueError(f"loss={self.config.loss!r}; segmentation takes iou_bce or dice_ce")
+    pred = logits[..., 0] > 0 if logits.shape[-1] == 1 else jnp.argmax(logits, -1)
     fg = mask > 0
     inter = jnp.sum((pred > 0) & fg)
     dice = 2 * inter / jnp.maximum(jnp.sum(pred > 0) + jnp.sum(fg), 1)

@@ -1,0 +1,106 @@
+"""Multi-head (cross-)attention over the positions of a feature map.
+
+One residual block serves three uses in the diffusion UNet:
+
+* self-attention at chosen resolutions (Ho et al., 2020; Dhariwal & Nichol,
+  2021), when ``context`` is None;
+* cross-attention to a conditioning sequence (Rombach et al., LDM, 2022,
+  eq. 3: Q from the UNet features, K and V from the context);
+* DSDM's Cross-Attention Alignment (paper 004, eq. 10-11), where the context
+  is the Psi_FC tokens of the reference embedding
+  (``conditioning.ReferenceTokens``), with a residual connection.
+
+Arrays use the (batch, length, heads, head_dim) layout of
+``jax.nn.dot_product_attention``; logits and the softmax are float32.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from medrep_jax.models.conditioning import group_norm
+from medrep_jax.models.resnet import Dtype
+
+
+def attention_weights(q: jnp.ndarray, k: jnp.ndarray) -> jnp.ndarray:
+  """softmax(Q K^T / sqrt(d)) over keys (DSDM eq. 11), float32.
+
+  Args:
+    q: queries (B, Lq, N, d).
+    k: keys (B, Lk, N, d).
+
+  Returns:
+    (B, N, Lq, Lk) weights; each row sums to 1 over the Lk keys.
+  """
+  logits = jnp.einsum("bqnd,bknd->bnqk", q.astype(jnp.float32),
+                      k.astype(jnp.float32))
+  return jax.nn.softmax(logits / jnp.sqrt(jnp.float32(q.shape[-1])), axis=-1)
+
+
+def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
+              implementation: str | None = None) -> jnp.ndarray:
+  """softmax(Q K^T / sqrt(d)) V, shape (B, Lq, N, d), in v's dtype.
+
+  Equal to ``einsum("bnqk,bknd->bqnd", attention_weights(q, k), v)``; runs
+  through ``jax.nn.dot_product_attention`` so ``implementation="cudnn"``
+  selects the fused GPU kernel (bf16/fp16 inputs) and None the XLA path.
+  """
+  return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+
+
+def head_layout(channels: int, num_heads: int, head_dim: int) -> tuple[int, int]:
+  """(heads, head width) for ``channels``: fixed head_dim if > 0, else num_heads.
+
+  Raises:
+    ValueError: the channels do not split evenly.
+  """
+  if head_dim > 0:
+    if channels % head_dim:
+      raise ValueError(f"attention over {channels} channels: not divisible by "
+                       f"head_dim={head_dim}")
+    return channels // head_dim, head_dim
+  if num_heads <= 0 or channels % num_heads:
+    raise ValueError(f"attention over {channels} channels: not divisible by "
+                     f"num_heads={num_heads}")
+  return num_heads, channels // num_heads
+
+
+class AttentionBlock(nn.Module):
+  """Residual multi-head attention: ``x + W_o attn(W_q GN(x), W_k c, W_v c)``.
+
+  ``c`` is GN(x) itself (self-attention) when ``context`` is None, else the
+  context sequence (cross-attention; LDM eq. 3, DSDM eq. 10-11). The output
+  projection is zero-initialized, so a fresh block is the identity.
+
+  Attributes:
+    num_heads: heads when ``head_dim`` is 0.
+    head_dim: fixed head width (heads = C // head_dim) when > 0.
+    max_groups: GroupNorm group cap for the query-side norm.
+    dtype: compute dtype; parameters float32, softmax float32.
+    implementation: passed to ``jax.nn.dot_product_attention``.
+
+  ``__call__(x (B, H, W, C), context (B, L, D) | None) -> (B, H, W, C)``.
+  """
+  num_heads: int = 4
+  head_dim: int = 0
+  max_groups: int = 32
+  dtype: Dtype = jnp.float32
+  implementation: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray,
+               context: jnp.ndarray | None = None) -> jnp.ndarray:
+    b, h, w, c = x.shape
+    heads, dh = head_layout(c, self.num_heads, self.head_dim)
+    tokens = group_norm(x, self.max_groups, name="norm").astype(self.dtype)
+    tokens = tokens.reshape(b, h * w, c)
+    src = tokens if context is None else context.astype(self.dtype)
+    proj = lambda name: nn.DenseGeneral(
+        (heads, dh), dtype=self.dtype, param_dtype=jnp.float32, name=name)
+    q, k, v = proj("query")(tokens), proj("key")(src), proj("value")(src)
+    o = attention(q, k, v, self.implementation)
+    o = nn.DenseGeneral(c, axis=(-2, -1), dtype=self.dtype,
+                        param_dtype=jnp.float32,
+                        kernel_init=nn.initializers.zeros, name="out")(o)
+    return x + o.reshape(b, h, w, c).astype(x.dtype)
