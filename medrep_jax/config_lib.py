@@ -96,33 +96,12 @@ def base_config(method: str) -> mlc.ConfigDict:
   return c
 
 
-def size_overrides(size: str, paper: Mapping[str, Any], tiny: Mapping[str, Any]) -> dict:
-  """Picks the paper-size or tiny (CPU test scale) field values."""
-  if size == "paper":
-    return dict(paper)
-  if size == "tiny":
-    return dict(tiny)
-  raise ConfigError(f"unknown size {size!r}; expected 'paper' or 'tiny'")
-
-
-def set_path(config: mlc.ConfigDict, dotted: str, value: Any) -> None:
-  """Sets `config.a.b.c = value` for dotted='a.b.c', with a clear error for a bad key."""
-  *parents, leaf = dotted.split(".")
-  node = config
-  for i, name in enumerate(parents):
-    if name not in node:
-      raise ConfigError(_missing_key_message(".".join(parents[:i + 1]), node))
-    node = node[name]
-  if leaf not in node:
-    raise ConfigError(_missing_key_message(dotted, node))
-  node[leaf] = value
-
-
-def _missing_key_message(dotted: str, node: mlc.ConfigDict) -> str:
-  leaf = dotted.rsplit(".", 1)[-1]
-  close = difflib.get_close_matches(leaf, list(node.keys()), n=3)
-  hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-  return f"unknown config key {dotted!r}.{hint}"
+def set_tiny_train(c: mlc.ConfigDict) -> None:
+  """The CPU-test scale every `size=tiny` variant shares: 2 steps of batch 8, small evals."""
+  c.optim.lr = 1e-3
+  c.train.update(dict(num_epochs=0.0, batch_size=8, num_steps=2, log_every=1, eval_every=0,
+                      checkpoint_every=2, eval_batch_size=8, max_eval_examples=16,
+                      num_threads=2))
 
 
 def to_dict(config: mlc.ConfigDict) -> dict:

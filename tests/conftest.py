@@ -30,9 +30,48 @@ def shared_data_dir() -> pathlib.Path | None:
   return fallback if fallback.is_dir() else None
 
 
+if "MEDREP_DATA_DIR" not in os.environ and shared_data_dir() is not None:
+  os.environ["MEDREP_DATA_DIR"] = str(shared_data_dir())  # named presets find their data
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> pathlib.Path:
   d = shared_data_dir()
   if d is None:
     pytest.skip("real data not found: set MEDREP_DATA_DIR or place ../shared/data beside the repo")
   return d
+
+
+def load_config(name: str, arg: str = "size=tiny,data=phantoms"):
+  """Imports configs/<name>.py and returns get_config(arg)."""
+  import importlib.util
+  path = REPO_ROOT / "configs" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+  """tiny_run(name) runs configs/<name>.py at size=tiny on phantoms once per session."""
+  done: dict[str, pathlib.Path] = {}
+
+  def run(name: str) -> pathlib.Path:
+    if name not in done:
+      from medrep_jax.train import pipeline, trainer
+      config = load_config(name)
+      workdir = tmp_path_factory.mktemp(f"tiny_{name}")
+      with config.unlocked():
+        for stage in (config.stages if "stages" in config else [None]):
+          run_cfg = config[stage] if stage else config
+          if "data" in run_cfg and run_cfg.data.name == "phantoms":
+            run_cfg.data.num_examples = 32
+      if pipeline.is_pipeline(config):
+        pipeline.run_pipeline(config, workdir)
+      else:
+        trainer.train_and_evaluate(config, workdir)
+      done[name] = workdir
+    return done[name]
+
+  return run

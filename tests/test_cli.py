@@ -1,5 +1,4 @@
 """The command line: SIGTERM + resume equivalence, overrides, and every config's tiny run."""
-import importlib.util
 import json
 import os
 import pathlib
@@ -16,7 +15,7 @@ from medrep_jax import config_lib, methods
 from medrep_jax.train import checkpoint as ckpt_lib
 from medrep_jax.train import pipeline, trainer
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, load_config
 
 CONFIGS = sorted((REPO_ROOT / "configs").glob("*.py"))
 
@@ -85,43 +84,25 @@ def test_unknown_override_suggests_key(tmp_path):
 
 
 def test_unknown_variant_arg_suggests_key():
-  spec = importlib.util.spec_from_file_location("cfg", REPO_ROOT / "configs" / "finetune.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
   with pytest.raises(config_lib.ConfigError, match="Did you mean 'task'"):
-    mod.get_config("tsak=segmentation")
+    load_config("finetune", "tsak=segmentation")
   with pytest.raises(config_lib.ConfigError, match="not key=value"):
-    mod.get_config("size")
+    load_config("finetune", "size")
 
 
-def _load(path: pathlib.Path, arg: str):
-  spec = importlib.util.spec_from_file_location(path.stem, path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
-
-
-def _runs(config):
-  if pipeline.is_pipeline(config):
-    return [config[s] for s in config.stages]
-  return [config]
-
-
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_every_config_resolves_and_runs_two_steps(path, tmp_path):
-  config = _load(path, "size=tiny")
+# Each config's tiny run is cached per session (tiny_run); the xdist group keeps a config's
+# tests on one worker so a method's own test module reuses the same run.
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.xdist_group(p.stem))
+                                  for p in CONFIGS], ids=[p.stem for p in CONFIGS])
+def test_every_config_resolves_and_runs_two_steps(path, tiny_run):
+  config = load_config(path.stem)
   assert config.is_locked
-  for run in _runs(config):
+  runs = [config[s] for s in config.stages] if pipeline.is_pipeline(config) else [config]
+  for run in runs:
     assert run.method in methods.available()
-    assert run.train.num_steps <= 2, "tiny variants must run in a couple of steps"
-  with config.unlocked():
-    for run in _runs(config):
-      if "data" in run and run.data.name == "phantoms":
-        run.data.num_examples = 32
-  if pipeline.is_pipeline(config):
-    results = pipeline.run_pipeline(config, tmp_path)
-    assert set(results) == set(config.stages)
-    assert (tmp_path / "report.md").exists()
-  else:
-    trainer.train_and_evaluate(config, tmp_path)
-    assert (tmp_path / "report.md").exists()
+    methods.load_method(run)  # resolves the module and its stage
+    if "train" in run:
+      assert run.train.num_steps <= 2, "tiny variants must run in a couple of steps"
+  workdir = tiny_run(path.stem)
+  assert (workdir / "report.md").exists()
+  assert (workdir / "config.json").exists()

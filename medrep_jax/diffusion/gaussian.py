@@ -237,18 +237,22 @@ def discretized_gaussian_log_likelihood(x: Array, means: Array, log_scales: Arra
 def vlb_terms(sched: Schedule, model_output: Array, x0: Array, xt: Array, t: Array, *,
               parameterization: str = "eps", learned_variance: bool = True,
               clip_x0: float | None = None, fixed_variance: str = "small",
-              cdf: str = "exact") -> Array:
+              cdf: str = "exact", discrete_decoder: bool = True) -> Array:
   """Per-example variational bound term L_{t-1} in bits/dim (DDPM eq. 5; improved DDPM).
 
   For t > 0: KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)). For t = 0: the decoder NLL
-  -log p(x0 | x1) under `discretized_gaussian_log_likelihood` (x0 must be data in
-  [-1, 1]). Both are means over the non-batch axes divided by log 2. Returns (B,).
+  -log p(x0 | x1) under `discretized_gaussian_log_likelihood`, which assumes 8-bit data
+  in [-1, 1]; for continuous data such as latents pass `discrete_decoder=False` to use
+  the KL term at t = 0 too (against q's variance clipped to beta-tilde_1). Both are
+  means over the non-batch axes divided by log 2. Returns (B,).
   """
   true_mean, _, true_log_var = q_posterior(sched, x0, xt, t)
   p = p_mean_variance(sched, model_output, xt, t, parameterization=parameterization,
                       learned_variance=learned_variance, clip_x0=clip_x0,
                       fixed_variance=fixed_variance)
   kl = _mean_flat(normal_kl(true_mean, true_log_var, p.mean, p.log_variance)) / math.log(2.0)
+  if not discrete_decoder:
+    return kl
   nll = -_mean_flat(discretized_gaussian_log_likelihood(
       x0, p.mean, 0.5 * p.log_variance, cdf=cdf)) / math.log(2.0)
   return jnp.where(jnp.broadcast_to(t, kl.shape) == 0, nll, kl)
@@ -272,17 +276,18 @@ def loss_simple(sched: Schedule, model_output: Array, x0: Array, noise: Array, t
   return _mean_flat((out - target) ** 2)
 
 
-def _vlb_variance_only(sched, model_output, x0, xt, t, parameterization, cdf):
+def _vlb_variance_only(sched, model_output, x0, xt, t, parameterization, cdf,
+                      discrete_decoder):
   """L_t with a stop-gradient on the mean half: it trains only the variance (IDDPM 3.1)."""
   out, var_values = split_output(model_output, True)
   frozen = jnp.concatenate([jax.lax.stop_gradient(out), var_values], axis=-1)
   return vlb_terms(sched, frozen, x0, xt, t, parameterization=parameterization,
-                   learned_variance=True, cdf=cdf)
+                   learned_variance=True, cdf=cdf, discrete_decoder=discrete_decoder)
 
 
 def hybrid_loss(sched: Schedule, model_output: Array, x0: Array, xt: Array, noise: Array,
                 t: Array, *, parameterization: str = "eps", lambda_vlb: float = 0.001,
-                cdf: str = "exact") -> Array:
+                cdf: str = "exact", discrete_decoder: bool = True) -> Array:
   """L_hybrid = L_simple + lambda L_vlb (improved DDPM Sec. 3.1; DiffusionDCI eq. 14).
 
   L_vlb = sum_t L_t is estimated per example as N * L_t (bits/dim) for the sampled t, so
@@ -292,7 +297,8 @@ def hybrid_loss(sched: Schedule, model_output: Array, x0: Array, xt: Array, nois
   """
   mse = loss_simple(sched, model_output, x0, noise, t, parameterization=parameterization,
                     learned_variance=True)
-  vlb = _vlb_variance_only(sched, model_output, x0, xt, t, parameterization, cdf)
+  vlb = _vlb_variance_only(sched, model_output, x0, xt, t, parameterization, cdf,
+                          discrete_decoder)
   return mse + lambda_vlb * sched.num_timesteps * vlb
 
 
@@ -300,7 +306,8 @@ def training_losses(sched: Schedule, model_fn: Callable[[Array, Array, Any], Arr
                     x0: Array, rng: Array, *, parameterization: str = "eps",
                     learned_variance: bool = False, loss_type: str = "simple",
                     cond: Any = None, t: Array | None = None,
-                    lambda_vlb: float = 0.001) -> dict[str, Array]:
+                    lambda_vlb: float = 0.001,
+                    discrete_decoder: bool = True) -> dict[str, Array]:
   """Samples t ~ U{0..N-1} and eps ~ N(0, I), runs the model and returns the losses.
 
   Args:
@@ -315,6 +322,7 @@ def training_losses(sched: Schedule, model_fn: Callable[[Array, Array, Any], Arr
     cond: any pytree passed to the model unchanged.
     t: optional fixed schedule indices (B,) instead of sampling them.
     lambda_vlb: lambda of the hybrid loss.
+    discrete_decoder: see `vlb_terms` (False for continuous data such as latents).
 
   Returns:
     {"loss": (B,), "mse": (B,)} plus "vlb": (B,) (L_t in bits/dim) for "hybrid".
@@ -334,11 +342,23 @@ def training_losses(sched: Schedule, model_fn: Callable[[Array, Array, Any], Arr
                     learned_variance=learned_variance)
   if loss_type == "simple":
     return {"loss": mse, "mse": mse}
-  vlb = _vlb_variance_only(sched, output, x0, xt, t, parameterization, "exact")
+  vlb = _vlb_variance_only(sched, output, x0, xt, t, parameterization, "exact",
+                          discrete_decoder)
   return {"loss": mse + lambda_vlb * sched.num_timesteps * vlb, "mse": mse, "vlb": vlb}
 
 
 # ---------------------------------------------------------------- classifier-free guidance
+
+
+def match_null(cond: Any, null_value: Any) -> Any:
+  """`null_value` as a pytree like `cond`: itself, or one array/scalar copied to every leaf."""
+  null_def = jax.tree.structure(null_value)
+  if null_def == jax.tree.structure(cond):
+    return null_value
+  if not jax.tree_util.treedef_is_leaf(null_def) or null_value is None:
+    raise ValueError(f"the null condition must be a pytree like the condition "
+                     f"({jax.tree.structure(cond)}) or a single array, got {null_def}")
+  return jax.tree.map(lambda _: null_value, cond)
 
 
 def drop_condition(rng: Array, cond: Any, p_uncond: float, null_value: Any) -> tuple[Any, Array]:
@@ -363,8 +383,7 @@ def drop_condition(rng: Array, cond: Any, p_uncond: float, null_value: Any) -> t
     raise ValueError("drop_condition needs a non-empty condition pytree")
   b = leaves[0].shape[0]
   mask = jax.random.bernoulli(rng, p_uncond, (b,))
-  if jax.tree.structure(null_value) != jax.tree.structure(cond):
-    null_value = jax.tree.map(lambda _: null_value, cond)
+  null_value = match_null(cond, null_value)
 
   def drop(leaf, null):
     if leaf.shape[0] != b:

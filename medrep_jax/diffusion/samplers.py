@@ -58,9 +58,7 @@ def guided_model_fn(model_fn: ModelFn, guidance_scale: float | Array, null_cond:
   def fn(x, t, cond):
     if cond is None:
       raise ValueError("classifier-free guidance needs a condition, got cond=None")
-    null = null_cond
-    if jax.tree.structure(null) != jax.tree.structure(cond):
-      null = jax.tree.map(lambda _: null_cond, cond)
+    null = gaussian.match_null(cond, null_cond)
     both = jax.tree.map(
         lambda c, n: jnp.concatenate([c, jnp.broadcast_to(jnp.asarray(n, c.dtype), c.shape)]),
         cond, null)

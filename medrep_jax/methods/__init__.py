@@ -10,7 +10,8 @@ METHODS_PACKAGE = __name__
 
 def available() -> list[str]:
   import medrep_jax.methods as pkg
-  return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if m.name != "base")
+  return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__)
+                if m.name != "base" and not m.ispkg and not m.name.startswith("_"))
 
 
 def load_method(config):

@@ -39,6 +39,9 @@ class Method(abc.ABC):
 
   def __init__(self, config):
     self.config = config
+    #: The run directory and device mesh, set by the trainer before any other call.
+    self.workdir: pathlib.Path | None = None
+    self.mesh = None
 
   # ---- data
   def make_source(self, split: str):
@@ -67,6 +70,14 @@ class Method(abc.ABC):
   def eval_step(self, state, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """Per-example outputs (leading axis = batch) gathered on the host by the trainer."""
     return {}
+
+  def evaluate_state(self, state, ctx: EvalContext
+                     ) -> tuple[dict[str, float], dict[str, str]] | None:
+    """An eval that is not a pass over eval data (e.g. sample, then score FD).
+
+    Returns (metrics, figures), or None to use `eval_step` + `evaluate` over the eval split.
+    """
+    return None
 
   # ---- host side
   def evaluate(self, outputs: dict[str, np.ndarray], state,

@@ -69,7 +69,8 @@ def head_layout(channels: int, num_heads: int, head_dim: int) -> tuple[int, int]
 class AttentionBlock(nn.Module):
   """Residual multi-head attention: ``x + W_o attn(W_q GN(x), W_k c, W_v c)``.
 
-  ``c`` is GN(x) itself (self-attention) when ``context`` is None, else the
+  W_q, W_k, W_v have no bias (as in LDM); W_k and W_v share one kernel
+  (``key_value``). ``c`` is GN(x) itself (self-attention) when ``context`` is None, else the
   context sequence (cross-attention; LDM eq. 3, DSDM eq. 10-11). The output
   projection is zero-initialized, so a fresh block is the identity.
 
@@ -96,9 +97,10 @@ class AttentionBlock(nn.Module):
     tokens = group_norm(x, self.max_groups, name="norm").astype(self.dtype)
     tokens = tokens.reshape(b, h * w, c)
     src = tokens if context is None else context.astype(self.dtype)
-    proj = lambda name: nn.DenseGeneral(
-        (heads, dh), dtype=self.dtype, param_dtype=jnp.float32, name=name)
-    q, k, v = proj("query")(tokens), proj("key")(src), proj("value")(src)
+    proj = lambda shape, name: nn.DenseGeneral(
+        shape, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, name=name)
+    q = proj((heads, dh), "query")(tokens)
+    k, v = jnp.unstack(proj((2, heads, dh), "key_value")(src), axis=-3)
     o = attention(q, k, v, self.implementation)
     o = nn.DenseGeneral(c, axis=(-2, -1), dtype=self.dtype,
                         param_dtype=jnp.float32,

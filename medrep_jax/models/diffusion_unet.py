@@ -42,77 +42,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from medrep_jax.models.attention import AttentionBlock
-from medrep_jax.models.conditioning import (SPADE, ReferenceTokens,
-                                            TimestepEmbedding, group_norm)
+from medrep_jax.models.conditioning import (ReferenceTokens, ResBlock,
+                                            TimestepEmbedding, conv,
+                                            group_norm, upsample_nearest)
 from medrep_jax.models.resnet import Dtype
-
-_PAD3 = ((1, 1), (1, 1))
-
-
-def _conv(features: int, dtype: Dtype, name: str, kernel: int = 3,
-          strides: int = 1, zero: bool = False) -> nn.Conv:
-  pad = _PAD3 if kernel == 3 else ((0, 0), (0, 0))
-  kw = {"kernel_init": nn.initializers.zeros} if zero else {}
-  return nn.Conv(features, (kernel, kernel), (strides, strides), padding=pad,
-                 dtype=dtype, param_dtype=jnp.float32, name=name, **kw)
-
-
-def _upsample_nearest(x: jnp.ndarray) -> jnp.ndarray:
-  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-
-
-def _avg_pool2(x: jnp.ndarray) -> jnp.ndarray:
-  return nn.avg_pool(x, (2, 2), strides=(2, 2))
-
-
-class ResBlock(nn.Module):
-  """ADM residual block with time-embedding FiLM and optional SPADE norms.
-
-  ``h = conv_in(SiLU(N_in(x)))``; ``h = N_out(h) * (1 + s) + b`` with
-  (s, b) = Dense(SiLU(emb)) when ``use_scale_shift_norm`` (else
-  ``N_out(h + Dense(SiLU(emb)))``); ``out = skip(x) + conv_out(dropout(
-  SiLU(h)))`` with ``conv_out`` zero-initialized. N is GroupNorm, or SPADE
-  on ``segmap`` when ``spade_hidden > 0``. ``updown`` ("up"/"down")
-  resamples inside the block (BigGAN-style, ``resblock_updown``).
-  """
-  out_channels: int
-  max_groups: int = 32
-  dropout: float = 0.0
-  use_scale_shift_norm: bool = True
-  spade_hidden: int = 0
-  updown: str = "none"
-  dtype: Dtype = jnp.float32
-
-  def _norm(self, h: jnp.ndarray, segmap: jnp.ndarray | None,
-            which: str) -> jnp.ndarray:
-    if self.spade_hidden > 0:
-      return SPADE(self.max_groups, self.spade_hidden, self.dtype,
-                   name=f"spade_{which}")(h, segmap)
-    return group_norm(h, self.max_groups, name=f"norm_{which}")
-
-  @nn.compact
-  def __call__(self, x: jnp.ndarray, emb: jnp.ndarray,
-               segmap: jnp.ndarray | None = None, *,
-               train: bool = False) -> jnp.ndarray:
-    c = self.out_channels
-    h = nn.silu(self._norm(x, segmap, "in")).astype(self.dtype)
-    if self.updown != "none":
-      resample = _upsample_nearest if self.updown == "up" else _avg_pool2
-      h, x = resample(h), resample(x)
-    h = _conv(c, self.dtype, "conv_in")(h)
-    e = nn.Dense(2 * c if self.use_scale_shift_norm else c, dtype=self.dtype,
-                 param_dtype=jnp.float32, name="emb_proj")(nn.silu(emb))
-    e = e.astype(jnp.float32)[:, None, None, :]
-    if self.use_scale_shift_norm:
-      scale, shift = jnp.split(e, 2, axis=-1)
-      h = self._norm(h, segmap, "out") * (1.0 + scale) + shift
-    else:
-      h = self._norm(h.astype(jnp.float32) + e, segmap, "out")
-    h = nn.silu(h).astype(self.dtype)
-    h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    h = _conv(c, self.dtype, "conv_out", zero=True)(h)
-    skip = x if x.shape[-1] == c else _conv(c, self.dtype, "skip", kernel=1)(x)
-    return skip.astype(self.dtype) + h
 
 
 class DiffusionUNet(nn.Module):
@@ -215,8 +148,8 @@ class DiffusionUNet(nn.Module):
                          "disabled); set the attribute or drop the input")
       if a is not None and (a.ndim != len(shape) or any(
           s is not None and s != d for s, d in zip(shape, a.shape))):
-        want = tuple("*" if s is None else s for s in shape)
-        raise ValueError(f"DiffusionUNet: {arg!r} has shape {a.shape}, expected {want}")
+        want = ", ".join("*" if s is None else str(s) for s in shape)
+        raise ValueError(f"DiffusionUNet: {arg!r} has shape {a.shape}, expected ({want})")
     if conds["y"] is not None and not jnp.issubdtype(conds["y"].dtype, jnp.integer):
       raise ValueError(f"DiffusionUNet: 'y' must be integer labels, got {conds['y'].dtype}")
     t = jnp.asarray(t)
@@ -288,7 +221,7 @@ class DiffusionUNet(nn.Module):
         h = block(name=f"{name}_ref_xattn")(h, ref_tokens[ds])
       return h
 
-    h = _conv(self.base_width, self.dtype, "input_conv")(x.astype(self.dtype))
+    h = conv(self.base_width, self.dtype, "input_conv")(x.astype(self.dtype))
     skips = [h]
     last = len(self.channel_mult) - 1
     for level, mult in enumerate(self.channel_mult):
@@ -302,7 +235,7 @@ class DiffusionUNet(nn.Module):
         if self.resblock_updown:
           h = self._res(h.shape[-1], name, updown="down")(h, emb, train=train)
         else:
-          h = _conv(h.shape[-1], self.dtype, name, strides=2)(h)
+          h = conv(h.shape[-1], self.dtype, name, strides=2)(h)
         skips.append(h)
 
     width = h.shape[-1]
@@ -329,11 +262,11 @@ class DiffusionUNet(nn.Module):
           h = self._res(out_width, name, spade=bool(self.spade_channels),
                         updown="up")(h, emb, segmap, train=train)
         else:
-          h = _conv(out_width, self.dtype, name)(_upsample_nearest(h))
+          h = conv(out_width, self.dtype, name)(upsample_nearest(h))
 
     h = nn.silu(group_norm(h, self.norm_groups, name="out_norm")).astype(self.dtype)
     channels = self.out_channels * (2 if self.learned_variance else 1)
-    out = _conv(channels, self.dtype, "out_conv", zero=True)(h).astype(jnp.float32)
+    out = conv(channels, self.dtype, "out_conv", zero=True)(h).astype(jnp.float32)
     return (out, features) if return_features else out
 
 

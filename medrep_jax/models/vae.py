@@ -19,6 +19,10 @@ per level and nearest-neighbour x2 upsampling + 3x3 conv. The downsampling
 factor is ``2 ** (len(channel_mult) - 1)``. Images are expected in [-1, 1];
 the decoder output is linear (no tanh), as in the LDM autoencoder.
 
+GroupNorm is ``make_norm("group")`` (up to 32 groups, eps 1e-5; the LDM code
+uses exactly 32 groups and eps 1e-6). Convs use PyTorch's default init, as the
+reference does.
+
 Precision: convolutions run in ``dtype`` (e.g. bfloat16); parameters are
 float32; GroupNorm statistics, the attention softmax, the posterior moments
 and the decoder output are float32.
@@ -97,12 +101,18 @@ def estimate_scale_factor(latents: jnp.ndarray) -> jnp.ndarray:
   return 1.0 / jnp.maximum(std, 1e-12)
 
 
-def _conv(features: int, kernel: int, dtype: Dtype, name: str,
+# PyTorch's default conv init (kaiming_uniform with a = sqrt(5)), the init of
+# the reference LDM autoencoder: U(-b, b) with b = 1 / sqrt(fan_in).
+_KERNEL_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _conv(features: int, kernel: int, dtype: Dtype, name: str | None = None,
           strides: int = 1, padding: Any = None) -> nn.Conv:
   if padding is None:
     padding = _PAD3 if kernel == 3 else "VALID"
   return nn.Conv(features, (kernel, kernel), (strides, strides), padding=padding,
-                 dtype=dtype, param_dtype=jnp.float32, name=name)
+                 dtype=dtype, param_dtype=jnp.float32, kernel_init=_KERNEL_INIT,
+                 name=name)
 
 
 class ResBlock(nn.Module):
@@ -254,10 +264,8 @@ class AutoencoderKL(nn.Module):
     self.encoder = Encoder(latent_channels=self.latent_channels, **arch)
     self.decoder = Decoder(out_channels=self.in_channels, **arch)
     # 1x1 convs on the moments / latents, float32 (cheap, and keep logvar precise).
-    self.quant_conv = nn.Conv(2 * self.latent_channels, (1, 1), dtype=jnp.float32,
-                              param_dtype=jnp.float32)
-    self.post_quant_conv = nn.Conv(self.latent_channels, (1, 1), dtype=jnp.float32,
-                                   param_dtype=jnp.float32)
+    self.quant_conv = _conv(2 * self.latent_channels, 1, jnp.float32)
+    self.post_quant_conv = _conv(self.latent_channels, 1, jnp.float32)
 
   def encode(self, x: jnp.ndarray) -> DiagonalGaussian:
     """q(z|x) for images x (B, H, W, in_channels) in [-1, 1]."""

@@ -49,14 +49,5 @@ def finetune_config(*, task: str = "classification", data: str = "phantoms",
   if tiny:
     c.data.image_size = 32
     c.model.decoder_widths = (32, 16, 16, 8, 8)
-    c.optim.lr = 1e-3
-    c.train.batch_size = 8
-    c.train.num_epochs = 0.0
-    c.train.num_steps = 2
-    c.train.log_every = 1
-    c.train.eval_every = 0
-    c.train.checkpoint_every = 2
-    c.train.eval_batch_size = 8
-    c.train.max_eval_examples = 16
-    c.train.num_threads = 2
+    config_lib.set_tiny_train(c)
   return c

@@ -104,6 +104,18 @@ def find_checkpoint_dir(path: str | pathlib.Path) -> pathlib.Path:
 def load_state_tree(path: str | pathlib.Path) -> dict:
   """Loads the saved state dict of a checkpoint as host numpy arrays."""
   step_dir = find_checkpoint_dir(path)
+  # Reading the "state" item directly makes orbax warn that the step's metadata file is
+  # not in that folder; it is one level up, and nothing is missing.
+  absl_log = logging.getLogger("absl")
+  level = absl_log.level
+  absl_log.setLevel(logging.ERROR)
+  try:
+    return _restore_numpy(step_dir)
+  finally:
+    absl_log.setLevel(level)
+
+
+def _restore_numpy(step_dir: pathlib.Path) -> dict:
   with ocp.StandardCheckpointer() as ckptr:
     meta = ckptr.metadata(step_dir / "state").item_metadata
     target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), meta.tree)

@@ -49,12 +49,13 @@ def write_report(workdir: pathlib.Path, config, final: Mapping[str, Any],
   curve = loss_curve(workdir)
   if curve:
     figs = {"train loss": curve, **figs}
-  data = config.get("data", {})
-  lines = [f"# {config.method} run report", "",
+  data, train = config.get("data", {}), config.get("train", {})
+  stage = f" (stage {config.stage})" if "stage" in config else ""
+  lines = [f"# {config.method}{stage} run report", "",
            f"- workdir: `{workdir}`",
            f"- finished: {datetime.datetime.now().isoformat(timespec='seconds')}",
-           f"- data: `{data.get('name', '')}`  steps: {config.train.num_steps}  "
-           f"batch: {config.train.batch_size}  dtype: {config.dtype}",
+           f"- data: `{data.get('name', '')}`  steps: {train.get('num_steps', '-')}  "
+           f"batch: {train.get('batch_size', '-')}  dtype: {config.get('dtype', '-')}",
            "", "## Final metrics", ""]
   lines += ["| metric | value |", "|---|---|"]
   lines += [f"| {k} | {_fmt(v)} |" for k, v in final.items()]

@@ -93,7 +93,9 @@ class Trainer:
     self.workdir = pathlib.Path(workdir).absolute()
     self.workdir.mkdir(parents=True, exist_ok=True)
     self.method = method if method is not None else load_method(config)
+    self.method.workdir = self.workdir
     self.mesh = mesh_lib.make_mesh(config.mesh, devices)
+    self.method.mesh = self.mesh
     tc = config.train
     mesh_lib.check_batch_size(int(tc.batch_size), self.mesh)
     mesh_lib.check_batch_size(int(tc.eval_batch_size), self.mesh, "train.eval_batch_size")
@@ -154,6 +156,15 @@ class Trainer:
   # ------------------------------------------------------------------------------- eval
   def evaluate(self, state, *, final: bool) -> dict[str, float]:
     tc = self.config.train
+    step = int(state.step)
+    ctx = base.EvalContext(workdir=self.workdir, step=step, final=final, split=tc.eval_split)
+    custom = self.method.evaluate_state(state, ctx)
+    if custom is not None:
+      metrics, figures = custom
+      self.writer.write(step, "eval", {f"eval/{k}": v for k, v in metrics.items()
+                                       if np.ndim(v) == 0 and not isinstance(v, str)})
+      self.figures.update(figures)
+      return metrics
     if self._eval_source is None:
       self._eval_source = self.method.make_source(tc.eval_split)
     eval_fn = getattr(self, "_eval_fn", None)
@@ -172,8 +183,6 @@ class Trainer:
     cat = {k: np.concatenate([o[k] for o in host]) for k in host[0]}
     valid = cat.pop("_valid") > 0
     cat = {k: v[valid] for k, v in cat.items()}
-    step = int(state.step)
-    ctx = base.EvalContext(workdir=self.workdir, step=step, final=final, split=tc.eval_split)
     metrics, figures = self.method.evaluate(cat, state, ctx)
     self.writer.write(step, "eval", {f"eval/{k}": v for k, v in metrics.items()})
     self.figures.update(figures)

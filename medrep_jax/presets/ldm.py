@@ -1,0 +1,110 @@
+"""LDM configs (dual-stream paper, Section IV-A-1, Stage 1).
+
+Paper values: 256×256 images → 64×64 latents (f = 4); VAE with Adam, lr 1e-6, batch 4,
+1000 epochs; latent UNet with AdamW, lr 1e-4, 1000 epochs; 1000 diffusion steps when
+generating. Sizes: `paper` (those values), `small` (64 px, a CPU-feasible real-data run),
+`tiny` (CPU test scale, 2 steps per stage).
+"""
+from __future__ import annotations
+
+import ml_collections as mlc
+
+from medrep_jax import config_lib
+from medrep_jax.data import registry
+
+SIZES = ("paper", "small", "tiny")
+
+
+def ldm_stage_config(stage: str, *, data: str = "kermany", size: str = "paper",
+                     seed: int = 0) -> mlc.ConfigDict:
+  """One LDM stage's full config (every stage carries every field, so overrides work)."""
+  if size not in SIZES:
+    raise config_lib.ConfigError(f"size={size!r}; ldm takes one of {SIZES}")
+  c = config_lib.base_config("ldm")
+  c.stage = stage
+  c.seed = seed
+  c.data = registry.data_config(data)
+  c.data.image_size = {"paper": 256, "small": 64, "tiny": 16}[size]
+  c.vae_from = ""
+  c.unet_from = ""
+  c.synthetic_dir = ""
+  c.ema_decay = 0.9999
+  c.model = mlc.ConfigDict()
+  c.model.size = "paper"  # vae_config / diffusion_unet_config preset
+  c.model.base_width = 0  # > 0 overrides the preset's base width
+  c.model.num_res_blocks = 0  # > 0 overrides the preset's res blocks per level
+  c.model.kl_weight = 1e-6
+  c.model.rec_loss = "l1"
+  c.model.disc_weight = 0.0  # > 0 adds the PatchGAN hinge loss after disc_start steps
+  c.model.disc_start = 5000
+  c.model.disc_width = 64
+  c.diffusion = mlc.ConfigDict(dict(schedule="linear", num_timesteps=1000,
+                                    parameterization="eps"))
+  c.eval = mlc.ConfigDict(dict(feature_net="vae", feature_net_path="", num_samples=256,
+                               ddim_steps=50, num_boot=50))
+  c.sample = mlc.ConfigDict(dict(num_images=1000, sampler="ddpm", steps=1000, eta=0.0,
+                                 batch_size=64))
+  c.filter = mlc.ConfigDict(dict(k=5, keep_fraction=0.5, copy_quantile=0.05,
+                                 copy_factor=1.0, max_real=2000))
+  c.train.eval_split = "val"
+  c.optim.schedule = "constant"
+  c.optim.weight_decay = 0.0
+  if stage == "vae":
+    c.optim.name, c.optim.lr = "adam", 1e-6
+    c.train.batch_size = 4
+    c.train.num_epochs = 1000.0
+  elif stage == "unet":
+    c.model.size = "ldm"
+    c.optim.name, c.optim.lr, c.optim.weight_decay = "adamw", 1e-4, 1e-2
+    c.train.batch_size = 32
+    c.train.num_epochs = 1000.0
+  if size == "small":
+    # A real-data run that finishes in well under an hour on a 2-core CPU: 64 px images,
+    # the tiny-width VAE and UNet presets (XLA:CPU convolutions are slow; see DESIGN.md).
+    c.model.size = "tiny"
+    c.ema_decay = 0.999
+    c.train.num_epochs = 0.0
+    c.train.log_every = 50
+    c.train.eval_batch_size = 32
+    c.train.max_eval_examples = 256
+    c.eval.num_samples = 256
+    c.eval.ddim_steps = 50
+    c.eval.num_boot = 30
+    c.sample.num_images = 256
+    c.sample.sampler, c.sample.steps = "ddim", 50
+    if stage == "vae":
+      c.optim.lr = 2e-4
+      c.train.batch_size = 8
+      c.train.num_steps = 1500
+      c.train.eval_every = c.train.checkpoint_every = 500
+    elif stage == "unet":
+      c.optim.lr = 5e-4
+      c.optim.warmup_fraction = 0.02
+      c.train.batch_size = 32
+      c.train.num_steps = 4000
+      c.train.eval_every = c.train.checkpoint_every = 500
+  elif size == "tiny":
+    c.model.size = "tiny"
+    c.ema_decay = 0.9
+    c.diffusion.num_timesteps = 50
+    config_lib.set_tiny_train(c)
+    c.eval.num_samples = 16
+    c.eval.ddim_steps = 5
+    c.eval.num_boot = 5
+    c.sample.num_images = 16
+    c.sample.sampler, c.sample.steps = "ddim", 5
+    c.sample.batch_size = 8
+    c.filter.max_real = 64
+  return c
+
+
+def ldm_pipeline_config(*, data: str = "kermany", size: str = "paper",
+                        seed: int = 0) -> mlc.ConfigDict:
+  """vae → unet → sample → filter, each stage reading the earlier ones' outputs."""
+  stages = {s: ldm_stage_config(s, data=data, size=size, seed=seed)
+            for s in ("vae", "unet", "sample", "filter")}
+  for s in ("unet", "sample", "filter"):
+    stages[s].vae_from = "stage:vae"
+  stages["sample"].unet_from = "stage:unet"
+  stages["filter"].synthetic_dir = "stage:sample/images"
+  return mlc.ConfigDict({"stages": tuple(stages), **stages})
