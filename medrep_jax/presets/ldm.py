@@ -29,6 +29,7 @@ def ldm_stage_config(stage: str, *, data: str = "kermany", size: str = "paper",
   c.unet_from = ""
   c.synthetic_dir = ""
   c.ema_decay = 0.9999
+  c.latent_shift = True  # centre latents per channel (False: LDM's scale factor only)
   c.model = mlc.ConfigDict()
   c.model.size = "paper"  # vae_config / diffusion_unet_config preset
   c.model.base_width = 0  # > 0 overrides the preset's base width

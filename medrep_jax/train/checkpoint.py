@@ -85,14 +85,16 @@ def _jsonable(obj: Any) -> Any:
 
 
 def find_checkpoint_dir(path: str | pathlib.Path) -> pathlib.Path:
-  """Accepts a run workdir, its `checkpoints/` folder, or one step folder."""
-  p = pathlib.Path(path)
+  """Accepts a run workdir, its `checkpoints/` folder, or one step folder (made absolute:
+  orbax reads metadata only from absolute paths)."""
+  p = pathlib.Path(path).expanduser().absolute()
   if not p.exists():
     raise FileNotFoundError(f"init_from: {p} does not exist")
   for candidate in (p / "checkpoints", p):
     if candidate.is_dir():
       steps = sorted((int(d.name), d) for d in candidate.iterdir()
-                     if d.is_dir() and d.name.isdigit())
+                     if d.is_dir() and d.name.isdigit() and (d / "state").is_dir()
+                     and any((d / "state").iterdir()))
       if steps:
         return steps[-1][1]
   if (p / "state").is_dir():

@@ -74,8 +74,7 @@ def write_pipeline_report(workdir: pathlib.Path, stages: list[str],
   lines = ["# Pipeline report", "", "| stage | report |", "|---|---|"]
   lines += [f"| {s} | [{s}/report.md]({s}/report.md) |" for s in stages]
   lines += ["", "## Final metrics per stage", ""]
-  lines += report_lib.metrics_table(
-      {s: {k: v for k, v in results[s].items() if k.startswith("eval/")} for s in stages})
+  lines += report_lib.metrics_table({s: _headline(results[s]) for s in stages})
   for s in stages:
     figs = sorted((workdir / s / "figures").glob("*.png"))
     if figs:
@@ -84,3 +83,9 @@ def write_pipeline_report(workdir: pathlib.Path, stages: list[str],
   path = workdir / "report.md"
   path.write_text("\n".join(lines) + "\n")
   return path
+
+
+def _headline(result: dict[str, Any]) -> dict[str, Any]:
+  """A stage's eval metrics, or all its numbers for a stage that does not train."""
+  evals = {k: v for k, v in result.items() if k.startswith("eval/")}
+  return evals or {k: v for k, v in result.items() if isinstance(v, (int, float))}

@@ -92,10 +92,13 @@ def latent_unet(config, latent_channels: int) -> diffusion_unet.DiffusionUNet:
                                            **_overrides(config.model))
 
 
-def sample_images(unet, sched, loaded_vae: LoadedVAE, params, scale_factor, config, *,
+def sample_images(unet, sched, loaded_vae: LoadedVAE, params, scale_factor, latent_shift,
+                  config, *,
                   num: int, seed: int, num_steps: int, sampler: str = "ddim",
                   mesh=None, progress: bool = False) -> np.ndarray:
   """`num` decoded samples in [0, 1] (N, H, W, C), sampled in batches sharded on "data".
+
+  Latents are un-normalized as z = x / scale_factor + latent_shift before decoding.
 
   One compilation serves every batch: the batch size is fixed (`config.sample.batch_size`)
   and the last batch is padded.
@@ -117,6 +120,6 @@ def sample_images(unet, sched, loaded_vae: LoadedVAE, params, scale_factor, conf
   rng = jax.random.key(seed)
   for i in tqdm(range(math.ceil(num / batch)), desc=f"sampling ({sampler})",
                 disable=not progress or jax.process_index() != 0):
-    z = sample(params, jax.random.fold_in(rng, i)) / scale_factor
+    z = sample(params, jax.random.fold_in(rng, i)) / scale_factor + latent_shift
     out.append(np.asarray(mesh_lib.to_host(loaded_vae.decode(z))))
   return np.concatenate(out)[:num]

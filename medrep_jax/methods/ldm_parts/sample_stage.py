@@ -21,12 +21,14 @@ from medrep_jax.train import runs
 
 
 def load_latent_model(unet_from: str, vae_from: str):
-  """(unet module, schedule, loaded VAE, EMA params, scale factor, unet run config)."""
+  """(unet, schedule, loaded VAE, EMA params, scale factor, latent shift, unet config)."""
   loaded_vae = common.load_vae(vae_from)
   ucfg, tree = runs.load_run(unet_from)
   unet = common.latent_unet(ucfg, loaded_vae.latent_channels)
   sched = diffusion.make_schedule(ucfg.diffusion.schedule, int(ucfg.diffusion.num_timesteps))
-  return unet, sched, loaded_vae, tree["extras"]["ema"], tree["extras"]["scale_factor"], ucfg
+  extras = tree["extras"]
+  shift = extras.get("latent_shift", np.zeros(loaded_vae.latent_channels, np.float32))
+  return unet, sched, loaded_vae, extras["ema"], extras["scale_factor"], shift, ucfg
 
 
 class SampleStage(base.Task):
@@ -34,12 +36,13 @@ class SampleStage(base.Task):
 
   def run(self, workdir: pathlib.Path) -> dict:
     c = self.config
-    unet, sched, loaded_vae, params, scale, ucfg = load_latent_model(c.unet_from, c.vae_from)
+    unet, sched, loaded_vae, params, scale, shift, ucfg = load_latent_model(c.unet_from,
+                                                                             c.vae_from)
     with ucfg.unlocked():
       ucfg.sample = c.sample
       ucfg.mesh = c.mesh
     num = int(c.sample.num_images)
-    images = common.sample_images(unet, sched, loaded_vae, params, float(scale), ucfg,
+    images = common.sample_images(unet, sched, loaded_vae, params, float(scale), shift, ucfg,
                                   num=num, seed=int(c.seed), num_steps=int(c.sample.steps),
                                   sampler=c.sample.sampler, progress=True)
     root = pathlib.Path(workdir) / "images"

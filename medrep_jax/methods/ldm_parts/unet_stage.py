@@ -79,17 +79,23 @@ class UNetStage(base.Method):
   def init_state(self, rng, batch):
     z = batch["mean"]
     params = self.unet.init(rng, z, jnp.zeros((z.shape[0],), jnp.int32))["params"]
-    # LDM scale factor: 1 / std of posterior samples, fixed from the first batch.
+    # Latent normalization, fixed from the first batch: LDM's scale factor 1/std, plus a
+    # per-channel shift (KL-VAE latents are not zero-mean; a shift keeps the diffusion
+    # target centred, which an undertrained UNet otherwise turns into sampling drift).
     sample = batch["mean"] + jnp.exp(0.5 * batch["logvar"]) * jax.random.normal(
         rng, z.shape)
-    scale = 1.0 / jnp.maximum(jnp.std(sample), 1e-6)
+    shift = jnp.mean(sample, axis=(0, 1, 2)) if self.config.latent_shift else jnp.zeros(
+        z.shape[-1])
+    scale = 1.0 / jnp.maximum(jnp.std(sample - shift), 1e-6)
     return TrainState.create(params=params, tx=self.tx, apply_fn=self.unet.apply,
-                             extras={"ema": params, "scale_factor": scale})
+                             extras={"ema": params, "scale_factor": scale,
+                                     "latent_shift": shift})
 
   def train_step(self, state, batch, rng):
     k_z, k_diff = jax.random.split(rng)
     eps = jax.random.normal(k_z, batch["mean"].shape)
-    z0 = (batch["mean"] + jnp.exp(0.5 * batch["logvar"]) * eps) * state.extras["scale_factor"]
+    z = batch["mean"] + jnp.exp(0.5 * batch["logvar"]) * eps
+    z0 = (z - state.extras["latent_shift"]) * state.extras["scale_factor"]
     d = self.config.diffusion
 
     def loss_fn(params):
@@ -108,7 +114,8 @@ class UNetStage(base.Method):
   # ---- eval: sample, decode, FD/KID against held-out real images
   def sample_images(self, state, num: int, seed: int, num_steps: int) -> np.ndarray:
     return common.sample_images(self.unet, self.sched, self.vae, state.extras["ema"],
-                                state.extras["scale_factor"], self.config, num=num,
+                                state.extras["scale_factor"], state.extras["latent_shift"],
+                                self.config, num=num,
                                 seed=seed, num_steps=num_steps, mesh=self.mesh)
 
   def _real(self, num: int) -> np.ndarray:

@@ -1,0 +1,233 @@
+"""Fast checks of the benchmark code: harness helpers, torch reference, end-to-end run.
+
+No timing asserts (DESIGN.md): speed is reported by the benchmarks themselves.
+Torch-dependent tests skip without the ``[bench]`` extra.
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+  sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks import harness  # noqa: E402
+from medrep_jax.models.diffusion_unet import (diffusion_unet_config,  # noqa: E402
+                                              get_diffusion_unet)
+
+EXPECTED_KEYS = {"benchmark", "timestamp", "config", "device", "params", "jax_train",
+                 "sampling", "speedup_vs_torch", "sampler_compilations",
+                 "sampler_overhead"}
+
+
+# ------------------------------------------------------------------ harness
+
+
+def test_time_fn_returns_positive_quantiles():
+  calls = []
+  out = harness.time_fn(lambda: calls.append(1) or jnp.ones(3) * 2, warmup=2, iters=5)
+  assert len(calls) == 7
+  assert len(out["times"]) == 5
+  assert 0 < out["p10_s"] <= out["median_s"] <= out["p90_s"]
+
+
+def test_time_fn_rejects_zero_iters():
+  with pytest.raises(ValueError, match="iters"):
+    harness.time_fn(lambda: None, iters=0)
+
+
+def test_compile_and_cost_flops_of_matmul():
+  m, k, n = 64, 32, 48
+  f = jax.jit(lambda a, b: a @ b)
+  a, b = jnp.ones((m, k)), jnp.ones((k, n))
+  res = harness.compile_time(f, a, b)
+  assert res.lower_s >= 0 and res.compile_s > 0
+  assert res.total_s == pytest.approx(res.lower_s + res.compile_s)
+  np.testing.assert_allclose(res.compiled(a, b), np.full((m, n), k))
+  assert harness.cost_flops(res.compiled) == pytest.approx(2 * m * n * k, rel=0.05)
+  mem = harness.memory_bytes(res.compiled)
+  if mem is not None:  # Backends without memory_analysis return None.
+    assert mem["argument_size_in_bytes"] == 4 * (m * k + k * n)
+    assert mem["output_size_in_bytes"] == 4 * m * n
+
+
+class _FakeCompiled:
+
+  def __init__(self, cost):
+    self._cost = cost
+
+  def cost_analysis(self):
+    if isinstance(self._cost, Exception):
+      raise self._cost
+    return self._cost
+
+  def memory_analysis(self):
+    raise NotImplementedError
+
+
+@pytest.mark.parametrize("cost, expected", [
+    ({"flops": 10.0}, 10.0),
+    ([{"flops": 10.0}, {"flops": 5.0}], 15.0),  # Older JAX: one dict per module.
+    ([{"flops": 3.0}, {"bytes accessed": 1.0}], 3.0),
+    ({"bytes accessed": 1.0}, None),
+    (None, None),
+    ([], None),
+    (NotImplementedError("no cost model"), None),
+])
+def test_cost_flops_handles_return_shapes(cost, expected):
+  assert harness.cost_flops(_FakeCompiled(cost)) == expected
+  assert harness.memory_bytes(_FakeCompiled(cost)) is None
+
+
+def test_interleave_alternates_order():
+  order = []
+  med = harness.interleave({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
+                           rounds=3, iters={"a": 1, "b": 2}, warmup=0)
+  assert order == ["a", "b", "b", "b", "b", "a", "a", "b", "b"]
+  assert [len(v) for v in med.values()] == [3, 3]
+
+
+def test_ab_compare_ratio_is_torch_over_jax():
+  out = harness.ab_compare(lambda: time.sleep(0.001), lambda: time.sleep(0.02),
+                           rounds=3, iters=1, warmup=0)
+  assert len(out["ratios"]) == 3
+  assert out["min"] <= out["median"] <= out["max"]
+  for r, j, t in zip(out["ratios"], out["jax"]["times"], out["torch"]["times"]):
+    assert r == pytest.approx(t / j)
+
+
+def test_device_info_json_and_table(tmp_path):
+  info = harness.device_info()
+  assert info["platform"] == jax.devices()[0].platform
+  assert info["device_count"] == len(jax.devices())
+  assert info["jax_version"] == jax.__version__
+  assert isinstance(info["cpu_model"], str) and info["cpu_model"]
+  record = {"device": info, "x": np.float32(1.5), "n": np.int64(3), "a": np.arange(2)}
+  path = harness.write_json(record, tmp_path / "sub" / "r.json")
+  back = json.loads(path.read_text())
+  assert back["x"] == 1.5 and back["n"] == 3 and back["a"] == [0, 1]
+  text = harness.print_table([{"k": 1.23456, "v": None}, {"k": "x"}], ["k", ("v", "V")])
+  lines = text.splitlines()
+  assert lines[0].split() == ["k", "V"]
+  assert lines[2].split() == ["1.235", "-"]
+  assert lines[3].split() == ["x", "-"]
+
+
+# ------------------------------------------------------------------ torch reference
+
+
+@pytest.fixture
+def torch():
+  """torch with one intra-op thread (OpenMP barriers crawl on a loaded 2-core box)."""
+  torch = pytest.importorskip("torch")
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield torch
+  torch.set_num_threads(threads)
+
+
+def test_torch_reference_matches_jax_size_and_shape(torch):
+  from benchmarks.torch_ref import diffusion_unet as ref
+  model = get_diffusion_unet("tiny", 3)
+  params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)),
+                          jnp.zeros((1,), jnp.int32))
+  n_jax = sum(p.size for p in jax.tree.leaves(params))
+  model = ref.unet_from_config(diffusion_unet_config("tiny"), 3, 3)
+  assert ref.count_params(model) == n_jax  # Same layers, so exactly equal.
+  out = model(torch.randn(2, 3, 16, 16), torch.tensor([0, 999]))
+  assert out.shape == (2, 3, 16, 16)
+
+
+def test_torch_reference_computes_the_jax_function(torch):
+  from benchmarks.torch_ref import diffusion_unet as ref
+  model = get_diffusion_unet("tiny", 3)
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  t = jnp.array([3, 700], jnp.int32)
+  # Random values for every leaf (no init compile), so zero-initialized layers matter.
+  shapes = jax.eval_shape(model.init, jax.random.key(0), x, t)
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: 0.2 * rng.standard_normal(s.shape, np.float32), shapes)
+  want = np.asarray(jax.jit(model.apply)(params, x, t))
+  tmodel = ref.unet_from_config(diffusion_unet_config("tiny"), 3, 3)
+  ref.load_flax_params(tmodel, params["params"])
+  with torch.no_grad():
+    got = tmodel(torch.from_numpy(np.array(x)).permute(0, 3, 1, 2),
+                 torch.from_numpy(np.array(t)))
+  np.testing.assert_allclose(got.permute(0, 2, 3, 1).numpy(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_torch_train_step_reduces_loss_on_fixed_batch(torch):
+  from benchmarks.torch_ref import diffusion_unet as ref
+  torch.manual_seed(0)
+  model = ref.unet_from_config(diffusion_unet_config("tiny"), 3, 3)
+  step = ref.DDPMTrainStep(model, lr=1e-3)
+  x0 = torch.randn(4, 3, 16, 16)
+  t = torch.tensor([10, 200, 500, 900])
+  noise = torch.randn_like(x0)
+  losses = [float(step(x0, t, noise)) for _ in range(15)]
+  assert losses[0] == pytest.approx(float(noise.pow(2).mean()), rel=1e-5)  # Zero-init out.
+  assert losses[-1] < 0.8 * losses[0]
+
+
+def test_torch_reference_rejects_unsupported_conditioning(torch):
+  del torch
+  from benchmarks.torch_ref import diffusion_unet as ref
+  with pytest.raises(ValueError, match="num_classes"):
+    ref.unet_from_config(diffusion_unet_config("tiny", num_classes=3), 3, 3)
+
+
+# ------------------------------------------------------------------ end to end
+
+_FAST = ["--size", "tiny", "--batch", "4", "--steps", "3", "--ddim", "5",
+         "--warmup", "1", "--sample-rounds", "1", "--forward-iters", "2"]
+
+
+def _run_benchmark(tmp_path, argv: list[str]) -> dict:
+  """Runs ``python *argv`` in the repo root; $BENCH_JSON is the output path."""
+  out = tmp_path / "bench.json"
+  env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "BENCH_JSON": str(out)}
+  argv = [a.replace("$BENCH_JSON", str(out)) for a in argv]
+  proc = subprocess.run([sys.executable, *argv], cwd=REPO_ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "sampler_compilations" in proc.stdout  # The printed table.
+  record = json.loads(out.read_text())
+  assert EXPECTED_KEYS <= set(record)
+  assert record["config"]["shape"] == [4, 16, 16, 3]
+  assert record["config"]["size"] == "tiny"
+  assert record["sampler_compilations"] == 1
+  assert record["sampling"]["jit_cache_size"] in (1, None)
+  assert record["jax_train"]["median_s"] > 0
+  assert record["jax_train"]["flops_per_example"] > 0
+  assert record["sampling"]["images_per_sec"] > 0
+  return record
+
+
+def test_benchmark_runs_without_torch(tmp_path):
+  # torch is made unimportable, as in CI's [dev]-only environment.
+  code = ("import os, runpy, sys; sys.modules['torch'] = None; "
+          "sys.argv = ['benchmarks.diffusion', *%r, '--no-torch', "
+          "'--json', os.environ['BENCH_JSON']]; "
+          "runpy.run_module('benchmarks.diffusion', run_name='__main__')" % (_FAST,))
+  record = _run_benchmark(tmp_path, ["-c", code])
+  assert record["speedup_vs_torch"] is None
+  assert "torch_train" not in record
+
+
+def test_benchmark_runs_with_torch(tmp_path):
+  pytest.importorskip("torch")
+  record = _run_benchmark(tmp_path, ["-m", "benchmarks.diffusion", *_FAST,
+                                     "--torch-threads", "1", "--json", "$BENCH_JSON"])
+  assert record["params"]["torch"] == record["params"]["jax"]
+  speedup = record["speedup_vs_torch"]
+  assert len(speedup["ratios"]) == 3
+  assert speedup["min"] <= speedup["median"] <= speedup["max"]
+  assert record["torch_train"]["eager"]["threads"] == 1
