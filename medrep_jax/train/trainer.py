@@ -312,6 +312,10 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
       print(f"Stage in {workdir} already finished; nothing to do.")
       return json.loads(done.read_text())
     result = method_or_task.run(workdir)
+    writer = MetricWriter(workdir)  # the same contract as trained runs: metrics.jsonl + tb/
+    writer.write(0, "eval", {f"eval/{k}": v for k, v in result.items()
+                             if isinstance(v, (int, float))})
+    writer.close()
     if jax.process_index() == 0:
       done.write_text(json.dumps(result, indent=2, default=float))
     return result

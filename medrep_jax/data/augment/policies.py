@@ -1,0 +1,281 @@
+"""Augmentation policies and the batched, jit/sharding-friendly view API.
+
+Policies map (rng, one image) to one augmented image of a fixed size:
+  - `strong_augment`: the RandAugment-style strong augmentation of DCL-CsTP
+    (Ye et al., IEEE Access 2025, Sec. III-C-1; DESIGN.md "Views").
+  - `simclr_augment`: SimCLR / MoCo-v2 views (crop, flip, jitter, grey, blur).
+  - `standard_augment`: CAMContrast's "standard augmentations" (Yap & Ng,
+    Sec. 4.1: cropping, horizontal flipping, rotation, color jittering and
+    grayscaling), with crop and rotation ranges from its Table 2.
+
+Random choices are made with masks and `jnp.where`, never Python control flow,
+so one compiled program serves every draw. Under `vmap` a `lax.switch` or
+`lax.cond` with a per-example index lowers to a select over all branches
+anyway, so masking costs no extra compute, and it keeps exactly one copy of
+each op in the program (sequential switches over all ops would keep
+`num_ops` copies, multiplying CPU compile time). Each policy draws all its random
+scalars with one `jax.random.uniform` call (`_Uniforms`), since every PRNG call
+site compiles to its own threefry hash; this cut CPU compile time about 3x.
+
+`augment_batch` and `make_views` derive every example's key as
+fold_in(fold_in(rng, view), index), so example i's augmentation does not depend
+on the batch size, its position in a shard, or the device count.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from medrep_jax.data.augment import ops
+
+Array = jax.Array
+Policy = Callable[..., Array]
+Size = int | Sequence[int] | None
+
+# Ops of the strong augmentation, in the order they are applied when drawn.
+STRONG_OPS = ("crop", "rotate", "color_jitter", "autocontrast", "equalize", "sharpness",
+              "brightness", "pnp")
+# torchvision / MoCo-v2 ColorJitter strengths (brightness, contrast, saturation, hue).
+MOCO_JITTER = (0.4, 0.4, 0.4, 0.1)
+
+
+class _Uniforms:
+  """Hands out consecutive slices of one vector of uniforms in [0, 1).
+
+  A policy draws all its random scalars with a single PRNG call: every PRNG call
+  site compiles to its own threefry hash, and those dominate CPU compile time.
+  """
+
+  def __init__(self, rng: Array, n: int):
+    self._u, self._next = jax.random.uniform(rng, (n,)), 0
+
+  def take(self, n: int | None = None) -> Array:
+    start, self._next = self._next, self._next + (1 if n is None else n)
+    if self._next > self._u.shape[0]:
+      raise ValueError("internal: _Uniforms exhausted")  # A policy miscounted its draws.
+    return self._u[start] if n is None else self._u[start:self._next]
+
+
+def random_subset_mask(u: Array, k: int) -> Array:
+  """Boolean mask of a uniformly random k-subset: the k smallest of the uniforms `u`."""
+  return jnp.argsort(jnp.argsort(u)) < k
+
+
+def _resize_box(u: Array, img: Array, scale, ratio, apply: Array | bool = True) -> Array:
+  h, w = img.shape[:2]
+  box = ops.crop_box_from_uniform(u, h, w, scale, ratio)
+  return jnp.where(apply, box, ops.full_box(h, w))
+
+
+def strong_augment(rng: Array, img: Array, out_size: Size = None, *, num_ops: int = 2,
+                   magnitude: tuple[float, float] = (0.0, 1.0),
+                   op_names: Sequence[str] = STRONG_OPS, rotate_degrees: float = 30.0,
+                   crop_scale: tuple[float, float] = (0.2, 1.0),
+                   crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                   jitter: Sequence[float] = MOCO_JITTER, enhance: float = 0.9,
+                   pnp_lam: tuple[float, float] = (25.0, 1000.0), pnp_exact: bool = False,
+                   fill: str = "zero") -> Array:
+  """RandAugment-style strong augmentation of DCL-CsTP (Ye et al. 2025, Sec. III-C-1).
+
+  Draws a uniformly random subset of `num_ops` distinct ops from `op_names`
+  (by default all eight of the paper: rotate, resized crop, color jitter,
+  autocontrast, equalize, sharpness, brightness and Poisson noise perturbation)
+  and gives each a magnitude m ~ U(magnitude), m in [0, 1]:
+    crop:         area fraction in [1 - m (1 - crop_scale[0]), crop_scale[1]], aspect in crop_ratio
+    rotate:       +-m * rotate_degrees
+    color_jitter: strengths m * jitter
+    sharpness, brightness: factor 1 +- m * enhance (RandAugment's [0.1, 1.9] at m = 1)
+    pnp:          photon scale lam log-interpolated from pnp_lam[1] (m = 0) to pnp_lam[0]
+    autocontrast, equalize: no magnitude.
+  Chosen ops run in the fixed order of `STRONG_OPS` (RandAugment draws an order;
+  a fixed order keeps the program small and is a documented deviation). The
+  output is resized to `out_size` whether or not the crop is drawn. The paper
+  names the ops but not their ranges; the defaults are RandAugment / MoCo-v2
+  conventions, and pnp_lam = (25, 1000) gives a noise std of 0.14 to 0.022 at x = 0.5.
+  `num_ops` and `op_names` are static (they shape the program); magnitudes are drawn
+  on device.
+
+  Args:
+    rng: PRNG key for this image.
+    img: (H, W, C) float32 image in [0, 1].
+    out_size: output size (int or (h, w)); None keeps the input size.
+    num_ops: how many ops to apply (RandAugment's N).
+    magnitude: range of the per-op magnitude m (RandAugment's M, randomized).
+    op_names: the ops to draw from (a subset of STRONG_OPS), e.g. without "pnp"
+      for an ablation.
+    rotate_degrees, crop_scale, crop_ratio, jitter, enhance, pnp_lam: op ranges at m = 1.
+    pnp_exact: sample PNP with `jax.random.poisson` instead of the fixed-cost
+      sampler (see `ops.poisson_noise`).
+    fill: rotation fill, "zero" or "edge".
+
+  Returns:
+    The augmented (out_h, out_w, C) float32 image in [0, 1].
+  """
+  unknown = set(op_names) - set(STRONG_OPS)
+  if unknown:
+    raise ValueError(f"strong_augment: unknown ops {sorted(unknown)}; choose from {STRONG_OPS}")
+  if not 0 <= num_ops <= len(op_names):
+    raise ValueError(f"strong_augment: num_ops={num_ops} must be in [0, {len(op_names)}] "
+                     f"for op_names={tuple(op_names)}")
+  names = tuple(name for name in STRONG_OPS if name in op_names)  # Application order.
+  n = len(names)
+  k_uniform, k_pnp = jax.random.split(rng)
+  draws = _Uniforms(k_uniform, 3 * n + ops.CROP_UNIFORMS + ops.JITTER_UNIFORMS)
+  # A uniform random subset: the num_ops ops with the smallest uniform keys.
+  chosen = random_subset_mask(draws.take(n), num_ops)
+  mag = magnitude[0] + (magnitude[1] - magnitude[0]) * draws.take(n)
+  sign = jnp.where(draws.take(n) < 0.5, 1.0, -1.0)
+  on, m = dict(zip(names, chosen)), dict(zip(names, mag))
+  signed = {name: sg * mg for name, sg, mg in zip(names, sign, mag)}
+  crop_u, jitter_u = draws.take(ops.CROP_UNIFORMS), draws.take(ops.JITTER_UNIFORMS)
+
+  # Ops not in op_names are left out of the program entirely.
+  if "crop" in names:
+    lo_scale = 1.0 - m["crop"] * (1.0 - crop_scale[0])
+    box = _resize_box(crop_u, img, (lo_scale, crop_scale[1]), crop_ratio, on["crop"])
+  else:
+    box = ops.full_box(*img.shape[:2])
+  x = ops.crop_resize(img, box, out_size)
+  if "rotate" in names:
+    x = jnp.where(on["rotate"], ops.rotate(x, signed["rotate"] * rotate_degrees, fill), x)
+  if "color_jitter" in names:
+    strengths = [m["color_jitter"] * j for j in jitter]
+    x = jnp.where(on["color_jitter"], ops.color_jitter_from_uniform(x, jitter_u, *strengths), x)
+  if "autocontrast" in names:
+    x = jnp.where(on["autocontrast"], ops.autocontrast(x), x)
+  if "equalize" in names:
+    x = jnp.where(on["equalize"], ops.equalize(x), x)
+  if "sharpness" in names:
+    x = jnp.where(on["sharpness"], ops.sharpness(x, 1.0 + signed["sharpness"] * enhance), x)
+  if "brightness" in names:
+    x = jnp.where(on["brightness"], ops.brightness(x, 1.0 + signed["brightness"] * enhance), x)
+  if "pnp" in names:
+    log_lo, log_hi = math.log(pnp_lam[0]), math.log(pnp_lam[1])
+    lam = jnp.exp(log_hi + m["pnp"] * (log_lo - log_hi))
+    x = jnp.where(on["pnp"], ops.poisson_noise(x, k_pnp, lam, pnp_exact), x)
+  return x
+
+
+def simclr_augment(rng: Array, img: Array, out_size: Size = None, *,
+                   scale: tuple[float, float] = (0.2, 1.0),
+                   ratio: tuple[float, float] = (3 / 4, 4 / 3), flip_p: float = 0.5,
+                   jitter: Sequence[float] = MOCO_JITTER, jitter_p: float = 0.8,
+                   grayscale_p: float = 0.2, blur_p: float = 0.5,
+                   blur_sigma: tuple[float, float] = (0.1, 2.0)) -> Array:
+  """SimCLR / MoCo-v2 view: resized crop, flip, color jitter (p=0.8), grey (p=0.2), blur (p=0.5).
+
+  Defaults are MoCo-v2's (crop scale (0.2, 1), jitter 0.4/0.4/0.4/0.1, blur sigma
+  in [0.1, 2] pixels); SimCLR's are scale=(0.08, 1.0) and jitter=(0.8, 0.8, 0.8, 0.2).
+  """
+  draws = _Uniforms(rng, ops.CROP_UNIFORMS + ops.JITTER_UNIFORMS + 6)
+  x = ops.crop_resize(img, _resize_box(draws.take(ops.CROP_UNIFORMS), img, scale, ratio), out_size)
+  x = jnp.where(draws.take() < flip_p, ops.hflip(x), x)
+  jittered = ops.color_jitter_from_uniform(x, draws.take(ops.JITTER_UNIFORMS), *jitter)
+  x = jnp.where(draws.take() < jitter_p, jittered, x)
+  x = jnp.where(draws.take() < grayscale_p, ops.to_grayscale(x), x)
+  sigma = blur_sigma[0] + (blur_sigma[1] - blur_sigma[0]) * draws.take()
+  x = jnp.where(draws.take() < blur_p, ops.gaussian_blur(x, sigma), x)
+  return x
+
+
+def standard_augment(rng: Array, img: Array, out_size: Size = None, *,
+                     scale: tuple[float, float] = (0.8, 1.0),
+                     ratio: tuple[float, float] = (3 / 4, 4 / 3), flip_p: float = 0.5,
+                     degrees: float = 30.0, jitter: Sequence[float] = MOCO_JITTER,
+                     jitter_p: float = 0.8, grayscale_p: float = 0.2,
+                     fill: str = "zero") -> Array:
+  """CAMContrast's standard augmentation (Yap & Ng, Sec. 4.1 and Table 2).
+
+  Resized crop (scale (0.8, 1), aspect (3/4, 4/3)), horizontal flip (p=0.5),
+  rotation uniform in [-degrees, degrees] (Table 2's chest X-ray +-30), color
+  jitter (p=0.8) and grayscale (p=0.2). The paper does not state jitter or
+  grayscale parameters; these are the SimCLR / MoCo-v2 ones.
+  """
+  draws = _Uniforms(rng, ops.CROP_UNIFORMS + ops.JITTER_UNIFORMS + 4)
+  x = ops.crop_resize(img, _resize_box(draws.take(ops.CROP_UNIFORMS), img, scale, ratio), out_size)
+  x = jnp.where(draws.take() < flip_p, ops.hflip(x), x)
+  x = ops.rotate(x, degrees * (2.0 * draws.take() - 1.0), fill)
+  jittered = ops.color_jitter_from_uniform(x, draws.take(ops.JITTER_UNIFORMS), *jitter)
+  x = jnp.where(draws.take() < jitter_p, jittered, x)
+  x = jnp.where(draws.take() < grayscale_p, ops.to_grayscale(x), x)
+  return x
+
+
+POLICIES: dict[str, Policy] = {
+    "strong": strong_augment,
+    "simclr": simclr_augment,
+    "standard": standard_augment,
+}
+
+
+def get_policy(policy: str | Policy) -> Policy:
+  """Looks up a policy by name ("strong", "simclr", "standard"), or returns a callable."""
+  if callable(policy):
+    return policy
+  if policy not in POLICIES:
+    raise ValueError(f"unknown augmentation policy {policy!r}; choose from {sorted(POLICIES)}")
+  return POLICIES[policy]
+
+
+def _as_float(images: Array) -> Array:
+  images = jnp.asarray(images)
+  if images.ndim != 4 or images.shape[-1] not in (1, 3):
+    raise ValueError(f"expected a batch of images (B, H, W, C) with C in {{1, 3}}, "
+                     f"got shape {images.shape}")
+  if jnp.issubdtype(images.dtype, jnp.integer):
+    return images.astype(jnp.float32) / 255.0
+  return images.astype(jnp.float32)
+
+
+def augment_batch(fn: str | Policy, rng: Array, images: Array, *,
+                  indices: Array | None = None, **kwargs: Any) -> Array:
+  """Applies a single-image policy to every image with its own key.
+
+  Example i gets the key fold_in(rng, indices[i]) (indices default to
+  0..B-1), so its result does not depend on the batch size or on how the batch
+  is sharded. Pass dataset indices as `indices` to make the augmentation a
+  function of (rng, example) only.
+
+  Args:
+    fn: a policy name or a callable fn(rng, img, **kwargs) on one (H, W, C) image.
+    rng: PRNG key.
+    images: (B, H, W, C) batch; uint8 is scaled by 1/255, floats must be in [0, 1].
+    indices: optional (B,) integer example ids used to derive the keys.
+    **kwargs: passed to `fn` (e.g. out_size=..., num_ops=...).
+
+  Returns:
+    (B, out_h, out_w, C) float32 augmented images.
+  """
+  fn = get_policy(fn)
+  images = _as_float(images)
+  if indices is None:
+    indices = jnp.arange(images.shape[0], dtype=jnp.uint32)
+  keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, indices)
+  return jax.vmap(lambda k, x: fn(k, x, **kwargs))(keys, images)
+
+
+def make_views(rng: Array, images: Array, policy: str | Policy = "strong", num_views: int = 2,
+               *, indices: Array | None = None, **kwargs: Any) -> Array:
+  """Independently augmented views of a batch, e.g. DCL-CsTP's v1, v2, v3.
+
+  View v uses the key fold_in(rng, v), then `augment_batch`. The views are
+  computed by one `vmap` (one copy of the policy in the compiled program).
+
+  Args:
+    rng: PRNG key.
+    images: (B, H, W, C) batch.
+    policy: "strong", "simclr", "standard", or a callable policy.
+    num_views: number of views V.
+    indices: optional (B,) example ids (see `augment_batch`).
+    **kwargs: passed to the policy (e.g. out_size=..., num_ops=...).
+
+  Returns:
+    (V, B, out_h, out_w, C) float32 views; `v1, v2, v3 = make_views(...)` unpacks them.
+  """
+  fn = get_policy(policy)
+  view_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
+      rng, jnp.arange(num_views, dtype=jnp.uint32))
+  return jax.vmap(lambda k: augment_batch(fn, k, images, indices=indices, **kwargs))(view_keys)
