@@ -11,7 +11,8 @@ METHODS_PACKAGE = __name__
 def available() -> list[str]:
   import medrep_jax.methods as pkg
   return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__)
-                if m.name != "base" and not m.ispkg and not m.name.startswith("_"))
+                if not (m.ispkg or m.name.startswith("_") or m.name == "base"
+                        or m.name.endswith("_base")))
 
 
 def load_method(config):

@@ -1,0 +1,206 @@
+"""DCL-CsTP: dual-stream contrastive pretraining with cross-scale token projection.
+
+Dual-stream paper, Section III (eq. 3-10):
+  - global stream (MoCo-style): q = T(F(v1)), p = T_m(F_m(v2)), symmetrized by swapping v1
+    and v2; L_NCE is InfoNCE against a memory bank of K keys (eq. 3) and L_KL the symmetric
+    KL between P(p, n) and Q(q, n) over the bank (eq. 4); F_m, T_m follow F, T with
+    momentum m (eq. 5), as explicit train-state fields updated by optax.incremental_update;
+  - local stream (SimSiam-style, eq. 6): z_i = T(F(v_i)) for v2, v3, q_i = h(z_i),
+    L_CS = -½cos(q2, sg(z3)) - ½cos(q3, sg(z2)) (`local_predictor=False`: no h);
+  - total (eq. 10): L = L_NCE + α·L_KL + β·L_CS.
+The three strong-augmented views are made on device inside the step and run through the
+encoder as one batch. The bank is sharded along K over the "data" axis; each device
+enqueues its own keys into its own shard (`memory_bank.enqueue_sharded`).
+
+Baselines and ablations are the same code with other switches (see presets/dcl_cstp.py):
+SimCLR (`loss.nt_xent`), MoCo-v2 (`global_stream="moco"`), SimSiam (local stream only),
+w/o global, w/o local, MLP projector, standard attention.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from medrep_jax.data import augment
+from medrep_jax.losses import contrastive as cl
+from medrep_jax.methods import base
+from medrep_jax.methods import ssl_base
+from medrep_jax.models import heads, unet
+from medrep_jax.train import memory_bank, optim
+from medrep_jax.train.state import TrainState
+
+
+class ContrastiveNet(nn.Module):
+  """Encoder F (named `encoder`, as fine-tuning expects), projector T, predictor h."""
+  encoder: nn.Module
+  projector: nn.Module
+  predictor: nn.Module | None = None
+
+  def embed(self, x: jax.Array, train: bool) -> jax.Array:
+    """z = T(F(x)), float32 (B, D)."""
+    return self.projector(self.encoder(x, train), train)
+
+  def features(self, x: jax.Array) -> jax.Array:
+    """Pooled encoder features for monitors and downstream probes."""
+    return self.encoder(x, False)["pooled"].astype(jnp.float32)
+
+  def embed_and_predict(self, x: jax.Array, train: bool, num_views: int):
+    """(z for every view, h(z) for the last two views or None): one apply, so every
+    BatchNorm (the predictor's too) sees its own running statistics."""
+    z = self.embed(x, train)
+    if self.predictor is None:
+      return z, None
+    local = z.reshape(num_views, -1, z.shape[-1])[-2:]
+    return z, self.predictor(local.reshape(-1, z.shape[-1]), train)
+
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    z = self.embed(x, train)
+    return self.predictor(z, train) if self.predictor is not None else z
+
+
+class DCLCsTP(ssl_base.PretrainMethod):
+  """The dual-stream step and its baselines."""
+
+  @functools.cached_property
+  def net(self) -> ContrastiveNet:
+    c, m = self.config, self.config.model
+    kw = dict(norm=m.norm, dtype=jnp.dtype(c.dtype))
+    if m.encoder != "unet_encoder":
+      kw["small_input"] = bool(m.small_input)
+    encoder = unet.get_encoder(m.encoder, **kw)
+    if m.projector == "cstp":
+      projector = heads.make_projector("cstp", embed_dim=int(m.cstp_width),
+                                       out_dim=int(m.embed_dim), num_heads=int(m.cstp_heads),
+                                       attention=m.attention, dtype=jnp.dtype(c.dtype))
+    else:
+      projector = heads.make_projector("mlp", hidden_dim=int(m.mlp_hidden),
+                                       out_dim=int(m.embed_dim), dtype=jnp.dtype(c.dtype))
+    predictor = None
+    if self.uses_predictor:
+      predictor = heads.SimSiamPredictor(hidden_dim=int(m.predictor_hidden),
+                                         out_dim=int(m.embed_dim))
+    return ContrastiveNet(encoder=encoder, projector=projector, predictor=predictor)
+
+  @property
+  def uses_bank(self) -> bool:
+    return self.config.loss.global_stream in ("dual", "moco")
+
+  @property
+  def uses_predictor(self) -> bool:
+    return self.config.loss.local_stream == "simsiam" and bool(self.config.loss.local_predictor)
+
+  @property
+  def num_views(self) -> int:
+    l = self.config.loss
+    both = self.uses_bank and l.local_stream != "none"
+    return 3 if both else 2
+
+  @functools.cached_property
+  def tx(self):
+    return optim.make_optimizer(self.config.optim, int(self.config.train.num_steps))[0]
+
+  # ---- state
+  def init_state(self, rng, batch):
+    k_net, k_bank = jax.random.split(rng)
+    x = batch["image"]
+    variables = self.net.init(k_net, x, train=False)
+    params = variables.pop("params")
+    model_state = dict(variables)
+    extras: dict[str, Any] = {}
+    if self.uses_bank:
+      online = {k: params[k] for k in ("encoder", "projector")}
+      stats = {k: v for k, v in model_state.get("batch_stats", {}).items()
+               if k in ("encoder", "projector")}
+      bank, ptr = memory_bank.init_bank(k_bank, int(self.config.loss.bank_size),
+                                        int(self.config.model.embed_dim))
+      extras = {"momentum_params": online, "momentum_stats": stats, "bank": bank,
+                "bank_ptr": ptr}
+    return TrainState.create(params=params, tx=self.tx, apply_fn=self.net.apply,
+                             model_state=model_state, extras=extras)
+
+  def state_shardings(self, abstract_state, mesh):
+    shardings = super().state_shardings(abstract_state, mesh)
+    if self.uses_bank:
+      extras = dict(shardings.extras, bank=memory_bank.bank_sharding(mesh))
+      shardings = shardings.replace(extras=extras)
+    return shardings
+
+  def check_data(self, train_size: int) -> None:
+    if self.uses_bank:
+      memory_bank.check_bank(int(self.config.loss.bank_size), int(self.config.train.batch_size),
+                             train_size, self.mesh.shape["data"] if self.mesh else 1)
+
+  # ---- step
+  def _momentum_embed(self, extras, x):
+    variables = {"params": extras["momentum_params"], "batch_stats": extras["momentum_stats"]}
+    z, updates = self.net.apply(variables, x, True, method=ContrastiveNet.embed,
+                                mutable=["batch_stats"])
+    return jax.lax.stop_gradient(cl.l2_normalize(z)), updates.get("batch_stats", {})
+
+  def train_step(self, state, batch, rng):
+    c, l = self.config, self.config.loss
+    views = augment.make_views(rng, batch["image"], c.augment.policy, self.num_views,
+                               indices=batch["index"], out_size=int(c.data.image_size))
+    v, b = views.shape[0], views.shape[1]
+    extras = state.extras
+    if self.uses_bank:
+      k1, stats1 = self._momentum_embed(extras, views[0])
+      k2, stats2 = self._momentum_embed({**extras, "momentum_stats": stats1}, views[1])
+    else:
+      k1 = k2 = stats2 = None
+
+    def loss_fn(params):
+      variables = {"params": params, **state.model_state}
+      flat = views.reshape((v * b,) + views.shape[2:])
+      (z, p), updates = self.net.apply(variables, flat, True, v,
+                                       method=ContrastiveNet.embed_and_predict,
+                                       mutable=["batch_stats"])
+      z = z.reshape(v, b, -1)
+      terms = {}
+      if self.uses_bank:  # global stream, eq. 3-4, symmetrized over (v1, v2)
+        q1, q2 = cl.l2_normalize(z[0]), cl.l2_normalize(z[1])
+        bank = extras["bank"]
+        nce = 0.5 * (cl.info_nce_with_bank(q1, k2, bank, l.temperature)
+                     + cl.info_nce_with_bank(q2, k1, bank, l.temperature))
+        terms["nce"] = jnp.mean(nce)
+        if l.global_stream == "dual":
+          kl = 0.5 * (cl.symmetric_kl(k2, q1, bank, l.temperature)
+                      + cl.symmetric_kl(k1, q2, bank, l.temperature))
+          terms["kl"] = jnp.mean(kl)
+      if l.local_stream == "simsiam":  # local stream, eq. 6, on the last two views
+        za, zb = z[-2], z[-1]
+        pa, pb = (p[:b], p[b:]) if p is not None else (za, zb)
+        terms["cs"] = jnp.mean(cl.simsiam_loss(pa, zb, pb, za))
+      if l.nt_xent:
+        terms["nt_xent"] = jnp.mean(cl.nt_xent(z[0], z[1], l.nt_xent_temperature))
+      loss = (terms.get("nce", 0.0) + float(l.alpha) * terms.get("kl", 0.0)
+              + float(l.beta) * terms.get("cs", 0.0) + terms.get("nt_xent", 0.0))
+      return loss, (terms, updates)
+
+    (loss, (terms, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    model_state = {**state.model_state, **updates}
+    state = state.apply_gradients(grads, model_state=model_state)
+    if self.uses_bank:  # eq. 5 momentum update, then enqueue this step's keys
+      online = {k: state.params[k] for k in ("encoder", "projector")}
+      mom = optax.incremental_update(online, extras["momentum_params"],
+                                     step_size=1.0 - float(l.momentum))
+      bank, ptr = memory_bank.enqueue_sharded(extras["bank"], extras["bank_ptr"], k2, self.mesh)
+      state = state.replace(extras={"momentum_params": mom, "momentum_stats": stats2,
+                                    "bank": bank, "bank_ptr": ptr})
+    metrics = {"loss": loss, **{f"loss/{k}": v for k, v in terms.items()},
+               "grad_norm": optax.tree.norm(grads)}
+    return state, metrics
+
+  def feature_fn(self, state):
+    return lambda x: self.net.apply({"params": state.params, **state.model_state}, x,
+                                    method=ContrastiveNet.features)
+
+
+def build(config) -> DCLCsTP:
+  return DCLCsTP(config)

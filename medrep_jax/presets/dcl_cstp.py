@@ -1,0 +1,84 @@
+"""DCL-CsTP pretraining configs and the baselines/ablations of Tables 1-3.
+
+Paper values (Section IV-A-1, Stage 2): SGD momentum 0.9, weight decay 1e-4, batch 128,
+lr 0.03, 200 epochs with lr x 0.1 at epochs 120 and 160; α = 0.3, β = 0.7 (eq. 10);
+momentum m = 0.999 (eq. 5); bank K = 4,096 (classification) or 512 (segmentation).
+The paper does not state τ; MoCo-v2's 0.2 is the default.
+"""
+from __future__ import annotations
+
+import ml_collections as mlc
+
+from medrep_jax import config_lib
+from medrep_jax.data import registry
+
+VARIANTS = ("dcl_cstp", "simclr", "mocov2", "simsiam", "no_global", "no_local",
+            "mlp_projector", "standard_attention")
+
+
+def _variant(c: mlc.ConfigDict, variant: str) -> None:
+  l, m = c.loss, c.model
+  if variant == "simclr":
+    l.global_stream, l.local_stream, l.nt_xent = "none", "none", True
+    m.projector, c.augment.policy = "mlp", "simclr"
+  elif variant == "mocov2":
+    l.global_stream, l.local_stream = "moco", "none"
+    m.projector, c.augment.policy = "mlp", "simclr"
+  elif variant == "simsiam":
+    l.global_stream, l.local_stream = "none", "simsiam"
+    m.projector, c.augment.policy = "mlp", "simclr"
+  elif variant == "no_global":
+    l.global_stream = "none"
+  elif variant == "no_local":
+    l.local_stream = "none"
+  elif variant == "mlp_projector":
+    m.projector = "mlp"
+  elif variant == "standard_attention":
+    m.attention = "standard"
+  elif variant != "dcl_cstp":
+    raise config_lib.ConfigError(f"variant={variant!r}; expected one of {VARIANTS}")
+
+
+def dcl_cstp_config(*, variant: str = "dcl_cstp", data: str = "kermany",
+                    size: str = "paper", task: str = "classification",
+                    synthetic_ratio: float = 0.0, seed: int = 0) -> mlc.ConfigDict:
+  """A complete, unlocked pretraining config for one variant."""
+  c = config_lib.base_config("dcl_cstp")
+  c.seed = seed
+  c.variant = variant
+  c.data = registry.data_config(data)
+  c.synthetic_dir = ""
+  c.synthetic_ratio = float(synthetic_ratio)
+  c.model = mlc.ConfigDict(dict(encoder="resnet50", norm="batch", small_input=False,
+                                projector="cstp", attention="csa", embed_dim=128,
+                                cstp_width=512, cstp_heads=8, mlp_hidden=2048,
+                                predictor_hidden=512))
+  c.loss = mlc.ConfigDict(dict(global_stream="dual", local_stream="simsiam",
+                               local_predictor=True, nt_xent=False, alpha=0.3, beta=0.7,
+                               temperature=0.2, nt_xent_temperature=0.2, momentum=0.999,
+                               bank_size=4096 if task == "classification" else 512))
+  c.augment = mlc.ConfigDict(dict(policy="strong"))
+  c.monitor = mlc.ConfigDict(dict(knn_k=20, max_train=2000))
+  c.optim.update(dict(name="sgd", lr=0.03, momentum=0.9, weight_decay=1e-4, schedule="step",
+                      step_boundaries=(0.6, 0.8), step_factor=0.1))
+  c.train.update(dict(batch_size=128, num_epochs=200.0, eval_every=0, log_every=50))
+  c.data.image_size = 224
+  if size == "small":  # a CPU-feasible comparison run
+    c.data.image_size = 64
+    c.model.update(dict(encoder="resnet18", small_input=False, cstp_width=128, cstp_heads=4,
+                        mlp_hidden=512, predictor_hidden=128))
+    c.loss.bank_size = 1024
+    c.train.update(dict(batch_size=64, num_epochs=0.0, num_steps=1500, eval_every=500,
+                        checkpoint_every=500, eval_batch_size=64, max_eval_examples=512))
+    c.monitor.max_train = 1024
+  elif size == "tiny":
+    c.data.image_size = 32
+    c.model.update(dict(encoder="resnet_tiny", small_input=True, cstp_width=16, cstp_heads=2,
+                        mlp_hidden=32, predictor_hidden=16, embed_dim=16))
+    c.loss.bank_size = 32
+    config_lib.set_tiny_train(c)
+    c.monitor.max_train = 16
+  elif size != "paper":
+    raise config_lib.ConfigError(f"size={size!r}; expected paper, small or tiny")
+  _variant(c, variant)
+  return c

@@ -1,0 +1,94 @@
+"""DCL-CsTP: the sharded dual-stream step equals the 1-device step; variants wire up."""
+import jax
+import numpy as np
+import pytest
+
+from medrep_jax.data import loader
+from medrep_jax.presets.dcl_cstp import VARIANTS, dcl_cstp_config
+from medrep_jax.train import memory_bank
+from medrep_jax.train import mesh as mesh_lib
+from medrep_jax.train import trainer
+
+
+def tiny(variant="dcl_cstp"):
+  c = dcl_cstp_config(variant=variant, data="phantoms", size="tiny")
+  c.data.num_examples = 64
+  c.optim.name = "sgd"
+  return c
+
+
+def build(config, devices, tmp_path):
+  t = trainer.Trainer(config, tmp_path, devices=devices)
+  ds = loader.train_dataset(t.method.make_source("train"), t.method.transforms(True),
+                            global_batch=config.train.batch_size, seed=0)
+  return t, ds
+
+
+def one_step(config, devices, tmp_path):
+  t, ds = build(config, devices, tmp_path)
+  with jax.set_mesh(t.mesh):
+    batch = mesh_lib.to_global(ds[0], t.mesh)
+    state = t.build_state(batch)
+    state, metrics = t._compile_step()(state, batch)
+    bank_sharding = state.extras["bank"].sharding
+    return jax.device_get((state.params, state.extras, metrics)), bank_sharding
+
+
+@pytest.mark.slow
+def test_sharded_dual_stream_step_equals_single_device(tmp_path):
+  config = tiny()
+  (p1, e1, m1), _ = one_step(config, jax.devices()[:1], tmp_path / "one")
+  (p8, e8, m8), sharding8 = one_step(config, jax.devices(), tmp_path / "eight")
+  assert sharding8.spec == jax.sharding.PartitionSpec("data", None)
+  for k in ("loss", "loss/nce", "loss/kl", "loss/cs"):
+    np.testing.assert_allclose(m1[k], m8[k], rtol=1e-4, err_msg=k)
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(e1["momentum_params"]), jax.tree.leaves(e8["momentum_params"])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  # Keys: 1 device writes rows [0, B); each of 8 devices writes rows [0, b) of its shard.
+  B, K = config.train.batch_size, config.loss.bank_size
+  b = B // 8
+  keys1 = e1["bank"][:B]
+  keys8 = np.asarray(e8["bank"]).reshape(8, K // 8, -1)[:, :b].reshape(B, -1)
+  np.testing.assert_allclose(keys8, keys1, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(keys1, axis=1), 1.0, rtol=1e-5)
+  assert int(e1["bank_ptr"]) == B % K and int(e8["bank_ptr"]) == b
+  # The rows nobody wrote are the same initial keys in both runs.
+  rest8 = np.asarray(e8["bank"]).reshape(8, K // 8, -1)[:, b:]
+  init = np.asarray(memory_bank.init_bank(jax.random.split(
+      jax.random.fold_in(jax.random.key(config.seed), -1 & 0x7FFFFFFF))[1], K,
+      config.model.embed_dim)[0]).reshape(8, K // 8, -1)[:, b:]
+  np.testing.assert_allclose(rest8, init, rtol=1e-6)
+
+
+EXPECTED_TERMS = {
+    "dcl_cstp": {"nce", "kl", "cs"}, "simclr": {"nt_xent"}, "mocov2": {"nce"},
+    "simsiam": {"cs"}, "no_global": {"cs"}, "no_local": {"nce", "kl"},
+    "mlp_projector": {"nce", "kl", "cs"}, "standard_attention": {"nce", "kl", "cs"},
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variant_wires_the_right_loss_terms(variant, tmp_path):
+  config = tiny(variant)
+  t, ds = build(config, jax.devices()[:1], tmp_path)
+  with jax.set_mesh(t.mesh):
+    batch = mesh_lib.to_global(ds[0], t.mesh)
+    state = jax.eval_shape(t.method.init_state, jax.random.key(0), batch)
+    _, metrics = jax.eval_shape(t.method.train_step, state, batch, jax.random.key(1))
+  terms = {k.split("/", 1)[1] for k in metrics if k.startswith("loss/")}
+  assert terms == EXPECTED_TERMS[variant]
+  assert ("bank" in state.extras) == bool({"nce"} & terms)
+  params = state.params
+  assert ("predictor" in params) == (variant in ("dcl_cstp", "simsiam", "no_global",
+                                                  "mlp_projector", "standard_attention"))
+  if variant == "standard_attention":
+    assert "self_attention" in str(jax.tree_util.tree_structure(params["projector"]))
+
+
+def test_bank_larger_than_data_is_rejected(tmp_path):
+  config = tiny()
+  config.loss.bank_size = 256  # > 64 phantoms
+  with pytest.raises(ValueError, match="256"):
+    build(config, jax.devices()[:1], tmp_path)[0].method.make_source("train")
