@@ -74,7 +74,9 @@ def write_pipeline_report(workdir: pathlib.Path, stages: list[str],
   lines = ["# Pipeline report", "", "| stage | report |", "|---|---|"]
   lines += [f"| {s} | [{s}/report.md]({s}/report.md) |" for s in stages]
   lines += ["", "## Final metrics per stage", ""]
-  lines += report_lib.metrics_table({s: _headline(results[s]) for s in stages})
+  lines += ["| stage | metric | value |", "|---|---|---|"]
+  for s in stages:
+    lines += [f"| {s} | {k} | {report_lib.fmt(v)} |" for k, v in _headline(results[s]).items()]
   for s in stages:
     figs = sorted((workdir / s / "figures").glob("*.png"))
     if figs:

@@ -8,24 +8,10 @@ from typing import Any, Mapping, Sequence
 from medrep_jax.train.logging import read_metrics
 
 
-def _fmt(v: Any) -> str:
+def fmt(v: Any) -> str:
   if isinstance(v, float):
     return f"{v:.4g}"
   return str(v)
-
-
-def metrics_table(rows: Mapping[str, Mapping[str, Any]], columns: Sequence[str] | None = None
-                  ) -> list[str]:
-  """A markdown table: one row per run name, one column per metric."""
-  if not rows:
-    return []
-  if columns is None:
-    columns = sorted({k for r in rows.values() for k in r})
-  lines = ["| run | " + " | ".join(columns) + " |",
-           "|---|" + "---|" * len(columns)]
-  for name, r in rows.items():
-    lines.append(f"| {name} | " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |")
-  return lines
 
 
 def loss_curve(workdir: pathlib.Path) -> str | None:
@@ -58,7 +44,7 @@ def write_report(workdir: pathlib.Path, config, final: Mapping[str, Any],
            f"batch: {train.get('batch_size', '-')}  dtype: {config.get('dtype', '-')}",
            "", "## Final metrics", ""]
   lines += ["| metric | value |", "|---|---|"]
-  lines += [f"| {k} | {_fmt(v)} |" for k, v in final.items()]
+  lines += [f"| {k} | {fmt(v)} |" for k, v in final.items()]
   if figs:
     lines += ["", "## Figures", ""]
     for title, rel in figs.items():
