@@ -123,7 +123,8 @@ class _RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return None
 
   def _source_info(self) -> SourceInfo:
-    raise NotImplementedError
+    """Overridden by each builder (an abstract hook; tfds builders cannot use ABCMeta)."""
+    raise TypeError(f"{type(self).__name__} must define _source_info()")
 
   def _info(self) -> tfds.core.DatasetInfo:
     info = self._source_info()
@@ -279,7 +280,8 @@ class _ManualBuilder(_RecordBuilder, skip_registration=True):
     super().__init__(**kwargs)
 
   def _readers(self, root: pathlib.Path) -> dict[str, Source]:
-    raise NotImplementedError
+    """Overridden by each manual builder: the readers of its splits under `root`."""
+    raise TypeError(f"{type(self).__name__} must define _readers()")
 
   def _source_info(self) -> SourceInfo:
     return self.SOURCE_INFO
