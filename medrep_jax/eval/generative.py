@@ -27,7 +27,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
                      sigma2: np.ndarray, eps: float = 1e-6) -> float:
   """‖μ1 − μ2‖² + Tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½) (Frechet distance of two Gaussians)."""
   diff = mu1 - mu2
-  covmean, _ = scipy.linalg.sqrtm(sigma1 @ sigma2, disp=False)
+  covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
   if not np.isfinite(covmean).all():
     offset = np.eye(sigma1.shape[0]) * eps
     covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
