@@ -95,6 +95,16 @@ class _Padded:
     return rec
 
 
+def collect(source, transforms: Sequence[Any], *, limit: int = 0,
+            batch_size: int = 64) -> dict[str, np.ndarray]:
+  """All (or the first `limit`) transformed records of `source` as stacked arrays, on this
+  process (for host-side evaluation: FD references, filters)."""
+  batches = list(eval_batches(source, transforms, global_batch=batch_size, max_examples=limit,
+                              process_index=0, process_count=1))
+  valid = np.concatenate([b.pop("_valid") for b in batches]) > 0
+  return {k: np.concatenate([b[k] for b in batches])[valid] for k in batches[0]}
+
+
 def eval_batches(source, transforms: Sequence[Any], *, global_batch: int,
                  max_examples: int = 0, num_threads: int = 4,
                  process_index: int | None = None,

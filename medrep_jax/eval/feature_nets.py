@@ -86,12 +86,7 @@ class EncoderFeatures:
     from medrep_jax.models import unet  # pylint: disable=g-import-not-at-top
     cfg, tree = runs.load_run(run_dir)
     m = cfg.model
-    kw = dict(norm=m.norm)
-    if m.encoder == "unet_encoder":
-      kw["widths"] = tuple(m.unet_widths)
-    else:
-      kw["small_input"] = bool(m.small_input)
-    encoder = unet.get_encoder(m.encoder, **kw)
+    encoder = unet.encoder_from_config(m)
     variables = {"params": tree["params"]["encoder"]}
     stats = tree.get("model_state", {}).get("batch_stats", {})
     if "encoder" in stats:

@@ -9,7 +9,8 @@ Dual-stream paper, Section III (eq. 3-10):
     L_CS = -½cos(q2, sg(z3)) - ½cos(q3, sg(z2)) (`local_predictor=False`: no h);
   - total (eq. 10): L = L_NCE + α·L_KL + β·L_CS.
 The three strong-augmented views are made on device inside the step and run through the
-encoder as one batch. The bank is sharded along K over the "data" axis; each device
+encoder as one batch. The bank receives the momentum keys of v2 (B keys per step), so K
+must be a multiple of the global batch. The bank is sharded along K over the "data" axis; each device
 enqueues its own keys into its own shard (`memory_bank.enqueue_sharded`).
 
 Baselines and ablations are the same code with other switches (see presets/dcl_cstp.py):
@@ -70,10 +71,7 @@ class DCLCsTP(ssl_base.PretrainMethod):
   @functools.cached_property
   def net(self) -> ContrastiveNet:
     c, m = self.config, self.config.model
-    kw = dict(norm=m.norm, dtype=jnp.dtype(c.dtype))
-    if m.encoder != "unet_encoder":
-      kw["small_input"] = bool(m.small_input)
-    encoder = unet.get_encoder(m.encoder, **kw)
+    encoder = unet.encoder_from_config(m, jnp.dtype(c.dtype))
     if m.projector == "cstp":
       projector = heads.make_projector("cstp", embed_dim=int(m.cstp_width),
                                        out_dim=int(m.embed_dim), num_heads=int(m.cstp_heads),
@@ -197,9 +195,9 @@ class DCLCsTP(ssl_base.PretrainMethod):
                "grad_norm": optax.tree.norm(grads)}
     return state, metrics
 
-  def feature_fn(self, state):
-    return lambda x: self.net.apply({"params": state.params, **state.model_state}, x,
-                                    method=ContrastiveNet.features)
+  def features(self, state, images):
+    return self.net.apply({"params": state.params, **state.model_state}, images,
+                          method=ContrastiveNet.features)
 
 
 def build(config) -> DCLCsTP:

@@ -98,12 +98,7 @@ class Finetune(base.Method):
 
   def model(self) -> FinetuneNet:
     m = self.config.model
-    kw = dict(norm=m.norm, dtype=self.dtype)
-    if m.encoder != "unet_encoder":
-      kw["small_input"] = bool(m.small_input)
-    else:
-      kw["widths"] = tuple(m.unet_widths)
-    encoder = unet.get_encoder(m.encoder, **kw)
+    encoder = unet.encoder_from_config(m, self.dtype)
     return FinetuneNet(task=self.task, num_outputs=self.num_outputs, encoder=encoder,
                        decoder_widths=tuple(m.decoder_widths), norm=m.norm,
                        train_encoder=not self.config.freeze_encoder, dtype=self.dtype)

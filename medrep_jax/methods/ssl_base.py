@@ -12,7 +12,7 @@ labelled train subset as the reference and the eval split as queries.
 from __future__ import annotations
 
 import abc
-from typing import Callable
+import functools
 
 import jax
 import numpy as np
@@ -70,14 +70,20 @@ class PretrainMethod(base.Method, abc.ABC):
     """Hook for method-specific checks (e.g. memory-bank size against the data)."""
 
   @abc.abstractmethod
-  def feature_fn(self, state) -> Callable[[jax.Array], jax.Array]:
-    """images (B, H, W, C) in [0, 1] -> pooled encoder features (B, D)."""
+  def features(self, state, images: jax.Array) -> jax.Array:
+    """(state, images (B, H, W, C) in [0, 1]) -> pooled encoder features (B, D); pure."""
+
+  @functools.cached_property
+  def _features_jit(self):
+    # Jitted once with the state as an argument (not baked-in constants): no recompile
+    # and no re-embedding of the weights at every eval.
+    return jax.jit(self.features)
 
   def _features(self, state, split: str, limit: int):
     source = base.Method.make_source(self, split)
     if not source.info.num_classes:
       return None
-    fn = jax.jit(self.feature_fn(state))
+    fn = functools.partial(self._features_jit, state)
     feats, labels = [], []
     bs = int(self.config.train.eval_batch_size)
     for b in loader.eval_batches(source, self.transforms(False), global_batch=bs,

@@ -203,6 +203,17 @@ class ResNetUNet(nn.Module):
 ENCODER_NAMES = resnet.RESNET_NAMES + ("unet_encoder",)
 
 
+def encoder_from_config(model_cfg: Any, dtype: Dtype = jnp.float32) -> nn.Module:
+  """The encoder a run's `config.model` describes (`encoder`, `norm`, `small_input`,
+  `unet_widths`), shared by fine-tuning, pretraining and feature networks."""
+  kw: dict[str, Any] = dict(norm=model_cfg.norm, dtype=dtype)
+  if model_cfg.encoder == "unet_encoder":
+    kw["widths"] = tuple(model_cfg.get("unet_widths", (32, 64, 128, 256)))
+  else:
+    kw["small_input"] = bool(model_cfg.get("small_input", False))
+  return get_encoder(model_cfg.encoder, **kw)
+
+
 def get_encoder(name: str, /, **kw: Any) -> nn.Module:
   """Encoder by name: a ResNet name or "unet_encoder"; ``kw`` are its attributes.
 

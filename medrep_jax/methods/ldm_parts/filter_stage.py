@@ -25,12 +25,6 @@ from medrep_jax.methods import base
 from medrep_jax.train import report as report_lib
 
 
-def load_images(source, tfs, limit: int = 0) -> np.ndarray:
-  batches = loader.eval_batches(source, tfs, global_batch=64, max_examples=limit,
-                                process_index=0, process_count=1)
-  return np.concatenate([b["image"][b["_valid"] > 0] for b in batches])
-
-
 def pairwise_sq_dists(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   """‖a_i − b_j‖² for (N, D) and (M, D), in float64."""
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -72,8 +66,9 @@ class FilterStage(base.Task):
     workdir = pathlib.Path(workdir)
     tfs = transforms.build_transforms(c.data, train=False)
     synth_src = readers.ImageFolder(c.synthetic_dir, "all", channels=int(c.data.channels))
-    fake = load_images(synth_src, tfs)
-    real = load_images(registry.get_source(c.data, "train"), tfs, int(f.max_real))
+    fake = loader.collect(synth_src, tfs)["image"]
+    real = loader.collect(registry.get_source(c.data, "train"), tfs,
+                          limit=int(f.max_real))["image"]
     net = feature_nets.make_feature_net(c.eval.feature_net,
                                         c.eval.feature_net_path or c.vae_from)
     f_fake, f_real = net(fake), net(real)

@@ -15,7 +15,6 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from medrep_jax import diffusion
@@ -120,10 +119,7 @@ class UNetStage(base.Method):
 
   def _real(self, num: int) -> np.ndarray:
     src = super().make_source(self.config.train.eval_split)
-    batches = loader.eval_batches(src, self.transforms(False), global_batch=min(num, 64),
-                                  max_examples=num)
-    imgs = np.concatenate([b["image"][b["_valid"] > 0] for b in batches])
-    return imgs
+    return loader.collect(src, self.transforms(False), limit=num)["image"]
 
   def evaluate_state(self, state, ctx):
     e = self.config.eval
