@@ -60,6 +60,8 @@ def base_config(method: str) -> mlc.ConfigDict:
   c.method = method
   c.seed = 0
   c.dtype = "float32"  # "bfloat16": bf16 compute, fp32 params, losses and norm statistics.
+  # Activation checkpointing (nn.remat) of residual/conv blocks: less memory, ~1 more forward.
+  c.remat = False
   # Warm start: a run workdir, its checkpoints/ folder, or "stage:NAME" inside a pipeline.
   c.init_from = ""
   # Comma-separated "src_prefix:dst_prefix" rules for init_from; "" matches identical paths.
@@ -93,6 +95,9 @@ def base_config(method: str) -> mlc.ConfigDict:
   c.optim.step_boundaries = (0.6, 0.8)  # fractions of num_steps, for schedule="step"
   c.optim.step_factor = 0.1
   c.optim.grad_clip = 0.0  # global-norm clip; 0 disables
+  # Gradient accumulation: average k micro-steps of train.batch_size per update (effective
+  # batch k * batch_size); see medrep_jax/train/optim.py for what else runs per micro-step.
+  c.optim.accumulate_steps = 1
   return c
 
 

@@ -70,6 +70,14 @@ def test_eval_batches_cover_the_split_once_with_padding(source):
   capped = list(loader.eval_batches(source, tfs(False), global_batch=16, max_examples=20,
                                     process_index=0, process_count=1))
   assert sum(b["_valid"].sum() for b in capped) == 20
+  # The cap is a fixed spread-out subset, not the first rows (which may be one class).
+  cidx = np.concatenate([b["index"] for b in capped])[np.concatenate(
+      [b["_valid"] for b in capped]) > 0]
+  assert len(set(cidx)) == 20 and max(cidx) >= 20
+  again = list(loader.eval_batches(source, tfs(False), global_batch=16, max_examples=20,
+                                   process_index=0, process_count=1))
+  np.testing.assert_array_equal(cidx, np.concatenate([b["index"] for b in again])[
+      np.concatenate([b["_valid"] for b in again]) > 0])
 
 
 def test_label_fraction_is_stratified_and_deterministic(source):

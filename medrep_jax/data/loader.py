@@ -16,6 +16,8 @@ import grain
 import jax
 import numpy as np
 
+from medrep_jax.data import subsets
+
 
 class _ProcessBlock(grain.MapDataset):
   """Rows [p*b, (p+1)*b) of every global batch of size B = b * process_count."""
@@ -109,16 +111,19 @@ def eval_batches(source, transforms: Sequence[Any], *, global_batch: int,
                  max_examples: int = 0, num_threads: int = 4,
                  process_index: int | None = None,
                  process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-  """One pass over `source` in fixed-size batches; padding rows have `_valid == 0`."""
+  """One pass over `source` in fixed-size batches; padding rows have `_valid == 0`.
+
+  With `0 < max_examples < len(source)`, the pass covers a fixed random subset of that
+  size (`subsets.spread_subset`), not the first rows, which may all be one class.
+  """
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
   n = len(source) if not max_examples else min(len(source), int(max_examples))
   if n == 0:
     raise ValueError("the evaluation split is empty")
   num_batches = math.ceil(n / global_batch)
-  base = grain.MapDataset.source(source)
-  if n < len(source):
-    base = base.slice(slice(0, n))
+  base = grain.MapDataset.source(
+      subsets.spread_subset(source, n) if n < len(source) else source)
   ds = grain.MapDataset.source(_Padded(base, num_batches * global_batch))
   ds = _apply(ds, transforms, seed=0)
   ds = _ProcessBlock(ds, global_batch, pi, pc).batch(global_batch // pc)

@@ -19,6 +19,17 @@ class Subset:
     return self._source[int(self.indices[i])]
 
 
+def spread_subset(source, n: int) -> Subset:
+  """`n` examples of `source` drawn without replacement by a fixed seed, in index order.
+
+  Used for capped evaluation and probe reference sets (`max_eval_examples`,
+  `monitor.max_train`): datasets are often stored sorted by class (the MedMNIST `.npz`
+  files are), so the first `n` rows can all be one class.
+  """
+  idx = np.sort(np.random.default_rng(0).choice(len(source), size=int(n), replace=False))
+  return Subset(source, idx)
+
+
 def label_fraction(source, fraction: float, seed: int, labels=None) -> Subset:
   """Keeps `fraction` of each class (at least one example per class), chosen by `seed`.
 

@@ -71,7 +71,7 @@ class DCLCsTP(ssl_base.PretrainMethod):
   @functools.cached_property
   def net(self) -> ContrastiveNet:
     c, m = self.config, self.config.model
-    encoder = unet.encoder_from_config(m, jnp.dtype(c.dtype))
+    encoder = unet.encoder_from_config(m, jnp.dtype(c.dtype), c.remat)
     if m.projector == "cstp":
       projector = heads.make_projector("cstp", embed_dim=int(m.cstp_width),
                                        out_dim=int(m.embed_dim), num_heads=int(m.cstp_heads),
@@ -82,7 +82,7 @@ class DCLCsTP(ssl_base.PretrainMethod):
     predictor = None
     if self.uses_predictor:
       predictor = heads.SimSiamPredictor(hidden_dim=int(m.predictor_hidden),
-                                         out_dim=int(m.embed_dim))
+                                         out_dim=int(m.embed_dim), dtype=jnp.dtype(c.dtype))
     return ContrastiveNet(encoder=encoder, projector=projector, predictor=predictor)
 
   @property

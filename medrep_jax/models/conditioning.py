@@ -184,7 +184,7 @@ class ResBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, emb: jnp.ndarray,
-               segmap: jnp.ndarray | None = None, *,
+               segmap: jnp.ndarray | None = None,
                train: bool = False) -> jnp.ndarray:
     if self.updown not in ("none", "up", "down"):
       raise ValueError(f"ResBlock updown must be 'none', 'up' or 'down', got {self.updown!r}")

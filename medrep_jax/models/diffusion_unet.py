@@ -88,6 +88,8 @@ class DiffusionUNet(nn.Module):
     dtype: compute dtype (e.g. jnp.bfloat16); params, norms, softmax and the
       output are float32.
     attention_impl: ``jax.nn.dot_product_attention`` implementation.
+    remat: recompute each ResBlock's activations in the backward pass
+      (``nn.remat``): less memory for about one more forward pass.
   """
   out_channels: int
   learned_variance: bool = False
@@ -112,10 +114,13 @@ class DiffusionUNet(nn.Module):
   concat_channels: int = 0
   dtype: Dtype = jnp.float32
   attention_impl: str | None = None
+  remat: bool = False
 
   def _res(self, width: int, name: str, spade: bool = False,
            updown: str = "none") -> ResBlock:
-    return ResBlock(width, self.norm_groups, self.dropout,
+    # With remat, `train` (argument 4, counting self) must be static: it gates dropout.
+    block = nn.remat(ResBlock, static_argnums=(4,)) if self.remat else ResBlock
+    return block(width, self.norm_groups, self.dropout,
                     self.use_scale_shift_norm,
                     self.spade_hidden if spade else 0, updown, self.dtype,
                     name=name)
@@ -227,21 +232,21 @@ class DiffusionUNet(nn.Module):
     for level, mult in enumerate(self.channel_mult):
       ds, attn = 2 ** level, 2 ** level in self.attention_resolutions
       for i in range(self.num_res_blocks):
-        h = self._res(self.base_width * mult, f"down_{level}_{i}")(h, emb, train=train)
+        h = self._res(self.base_width * mult, f"down_{level}_{i}")(h, emb, None, train)
         h = attend(h, f"down_{level}_{i}", ds, attn)
         skips.append(h)
       if level != last:
         name = f"down_{level}_downsample"
         if self.resblock_updown:
-          h = self._res(h.shape[-1], name, updown="down")(h, emb, train=train)
+          h = self._res(h.shape[-1], name, updown="down")(h, emb, None, train)
         else:
           h = conv(h.shape[-1], self.dtype, name, strides=2)(h)
         skips.append(h)
 
     width = h.shape[-1]
-    h = self._res(width, "mid_0")(h, emb, train=train)
+    h = self._res(width, "mid_0")(h, emb, None, train)
     h = attend(h, "mid", 2 ** last, self.mid_attention)
-    h = self._res(width, "mid_1")(h, emb, train=train)
+    h = self._res(width, "mid_1")(h, emb, None, train)
 
     segmap = spatial_cond
     if segmap is not None:
@@ -253,14 +258,14 @@ class DiffusionUNet(nn.Module):
       for i in range(self.num_res_blocks + 1):
         h = jnp.concatenate([h, skips.pop()], axis=-1)
         h = self._res(out_width, f"up_{level}_{i}", spade=bool(self.spade_channels))(
-            h, emb, segmap, train=train)
+            h, emb, segmap, train)
         h = attend(h, f"up_{level}_{i}", ds, attn)
         features[f"dec_{len(features) + 1}"] = h
       if level:
         name = f"up_{level}_upsample"
         if self.resblock_updown:
           h = self._res(out_width, name, spade=bool(self.spade_channels),
-                        updown="up")(h, emb, segmap, train=train)
+                        updown="up")(h, emb, segmap, train)
         else:
           h = conv(out_width, self.dtype, name)(upsample_nearest(h))
 

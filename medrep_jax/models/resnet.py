@@ -148,6 +148,9 @@ class ResNet(nn.Module):
     zero_init_residual: zero-init the last norm scale of every residual branch
       (Goyal et al., 2017), so each block starts as the identity.
     dtype: compute dtype (e.g. jnp.bfloat16); parameters are float32.
+    remat: recompute each residual block's activations in the backward pass
+      (``nn.remat``) instead of storing them: less memory, about one more
+      forward pass of compute. Parameters and results are unchanged.
 
   ``__call__(x, train)`` takes NHWC images and returns a dict with ``"c1"``
   (stem output before max-pool: stride 2, or 1 with ``small_input``),
@@ -162,6 +165,7 @@ class ResNet(nn.Module):
   small_input: bool = False
   zero_init_residual: bool = True
   dtype: Dtype = jnp.float32
+  remat: bool = False
 
   @property
   def feature_dim(self) -> int:
@@ -187,6 +191,8 @@ class ResNet(nn.Module):
     if not self.small_input:
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_PAD3)
     block_cls = BLOCKS[self.block]
+    if self.remat:  # `train` (argument 2, counting self) selects Python control flow.
+      block_cls = nn.remat(block_cls, static_argnums=(2,))
     for i, n_blocks in enumerate(self.stage_sizes):
       for j in range(n_blocks):
         x = block_cls(

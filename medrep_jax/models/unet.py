@@ -132,6 +132,7 @@ class UNetEncoder(nn.Module):
   widths: Sequence[int] = (32, 64, 128, 256)
   norm: str = "batch"
   dtype: Dtype = jnp.float32
+  remat: bool = False  # recompute each level's activations in the backward pass
 
   @property
   def feature_dim(self) -> int:
@@ -141,10 +142,11 @@ class UNetEncoder(nn.Module):
   def __call__(self, x: jnp.ndarray, train: bool) -> Features:
     x = x.astype(self.dtype)
     feats = {}
+    block = nn.remat(ConvBlock, static_argnums=(2,)) if self.remat else ConvBlock
     for i, w in enumerate(self.widths):
       if i > 0:
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
-      x = ConvBlock(w, self.norm, dtype=self.dtype, name=f"level{i + 1}")(x, train)
+      x = block(w, self.norm, dtype=self.dtype, name=f"level{i + 1}")(x, train)
       feats[f"c{i + 1}"] = x
     feats["pooled"] = jnp.mean(x, axis=(1, 2))
     return feats
@@ -203,10 +205,12 @@ class ResNetUNet(nn.Module):
 ENCODER_NAMES = resnet.RESNET_NAMES + ("unet_encoder",)
 
 
-def encoder_from_config(model_cfg: Any, dtype: Dtype = jnp.float32) -> nn.Module:
+def encoder_from_config(model_cfg: Any, dtype: Dtype = jnp.float32,
+                        remat: bool = False) -> nn.Module:
   """The encoder a run's `config.model` describes (`encoder`, `norm`, `small_input`,
-  `unet_widths`), shared by fine-tuning, pretraining and feature networks."""
-  kw: dict[str, Any] = dict(norm=model_cfg.norm, dtype=dtype)
+  `unet_widths`), shared by fine-tuning, pretraining and feature networks; `dtype` and
+  `remat` come from the run's top-level `config.dtype` and `config.remat`."""
+  kw: dict[str, Any] = dict(norm=model_cfg.norm, dtype=dtype, remat=bool(remat))
   if model_cfg.encoder == "unet_encoder":
     kw["widths"] = tuple(model_cfg.get("unet_widths", (32, 64, 128, 256)))
   else:

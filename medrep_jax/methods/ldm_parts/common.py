@@ -89,6 +89,7 @@ def load_vae(run_dir: str | pathlib.Path) -> LoadedVAE:
 def latent_unet(config, latent_channels: int) -> diffusion_unet.DiffusionUNet:
   return diffusion_unet.get_diffusion_unet(config.model.size, latent_channels,
                                            dtype=jnp.dtype(config.dtype),
+                                           remat=bool(config.remat),
                                            **_overrides(config.model))
 
 
