@@ -19,7 +19,7 @@ class ConfigError(ValueError):
   """A config, variant argument or override is invalid."""
 
 
-def _parse_value(text: str) -> Any:
+def parse_value(text: str) -> Any:
   try:
     return ast.literal_eval(text)
   except (ValueError, SyntaxError):
@@ -50,7 +50,7 @@ def parse_variant(arg: str | None, defaults: Mapping[str, Any]) -> dict[str, Any
       hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
       raise ConfigError(
           f"unknown variant argument {key!r}.{hint} Known: {', '.join(sorted(defaults))}")
-    out[key] = _parse_value(value)
+    out[key] = parse_value(value)
   return out
 
 

@@ -1,7 +1,27 @@
-"""Optimizers and learning-rate schedules from `config.optim` (optax)."""
+"""Optimizers and learning-rate schedules from `config.optim` (optax).
+
+Gradient accumulation (`optim.accumulate_steps = k`, default 1) wraps the optimizer in
+`optax.MultiSteps`: each train step is one micro-step on a batch of `train.batch_size`; the
+gradients of k consecutive micro-steps are averaged, and the parameters change only on every
+k-th micro-step (the others apply zero updates). With a mean-reduced loss and no
+batch-dependent layers, k micro-steps of batch B equal one step of batch k*B, so the
+effective global batch is `k * train.batch_size`. What the accumulation does not cover:
+
+- `train.num_steps` (and the trainer's `state.step`, logging and checkpoint periods) count
+  micro-steps; the learning-rate schedule counts optimizer updates, `ceil(num_steps / k)`.
+- A method's extras update on every micro-step: momentum encoders and EMA copies follow
+  the (unchanged) parameters k times per update, and a memory bank enqueues every
+  micro-batch. BatchNorm statistics come from each micro-batch of B.
+- Gradient clipping and weight decay act on the averaged gradient, once per update.
+"""
 from __future__ import annotations
 
+import logging
+import math
+
 import optax
+
+log = logging.getLogger(__name__)
 
 
 def make_schedule(optim_cfg, num_steps: int) -> optax.Schedule:
@@ -26,9 +46,32 @@ def make_schedule(optim_cfg, num_steps: int) -> optax.Schedule:
       [optax.linear_schedule(0.0, lr, warmup), main], boundaries=[warmup])
 
 
+def accumulate_steps(optim_cfg) -> int:
+  """`optim.accumulate_steps` (micro-steps per optimizer update), validated."""
+  k = int(optim_cfg.get("accumulate_steps", 1))
+  if k < 1:
+    raise ValueError(f"optim.accumulate_steps={k}; expected an integer >= 1 (1: no "
+                     f"gradient accumulation)")
+  return k
+
+
 def make_optimizer(optim_cfg, num_steps: int):
-  """Builds the optax chain; returns (tx, schedule)."""
-  schedule = make_schedule(optim_cfg, num_steps)
+  """Builds the optax chain; returns (tx, schedule).
+
+  Args:
+    optim_cfg: `config.optim`.
+    num_steps: train steps (micro-steps when `optim_cfg.accumulate_steps` > 1).
+
+  Returns:
+    The transformation, and the learning-rate schedule as a function of the optimizer
+    update count (which is `step // accumulate_steps`).
+  """
+  k = accumulate_steps(optim_cfg)
+  if k > 1 and num_steps % k:
+    log.warning("train.num_steps=%d is not a multiple of optim.accumulate_steps=%d; the "
+                "last %d micro-batches are accumulated but never applied", num_steps, k,
+                num_steps % k)
+  schedule = make_schedule(optim_cfg, math.ceil(num_steps / k))
   name = optim_cfg.name
   wd = float(optim_cfg.weight_decay)
   if name == "sgd":
@@ -46,4 +89,6 @@ def make_optimizer(optim_cfg, num_steps: int):
   clip = float(optim_cfg.get("grad_clip", 0.0))
   if clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(clip), tx)
+  if k > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=k).gradient_transformation()
   return tx, schedule

@@ -71,6 +71,23 @@ def _average(records: list[dict[str, np.ndarray]]) -> dict[str, float]:
   return {k: float(np.mean([np.asarray(r[k], np.float64) for r in records])) for k in keys}
 
 
+def _agreed_stop(preempt: threading.Event, sync_point: bool) -> bool:
+  """Whether to save and stop after this step, the same answer on every process.
+
+  One process stops as soon as it gets SIGTERM. With several processes the flags are
+  all-gathered at sync points only (log, checkpoint and last steps, which every process
+  reaches at the same step), so all of them save the same step together; a process that
+  stopped alone would leave the others blocked in the checkpoint's collectives.
+  """
+  if jax.process_count() == 1:
+    return preempt.is_set()
+  if not sync_point:
+    return False
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  flags = multihost_utils.process_allgather(np.array(preempt.is_set(), np.int32))
+  return bool(np.max(flags))
+
+
 def _check_finite(records: list[tuple[int, dict]], last_good: int | None,
                   ckpt_dir: pathlib.Path) -> None:
   for step, metrics in records:
@@ -258,7 +275,9 @@ class Trainer:
         pending.append((cur, metrics))
         bar.update(1)
         is_ckpt = ckpt_every > 0 and cur % ckpt_every == 0
-        if cur % log_every == 0 or cur == num_steps or is_ckpt or preempt.is_set():
+        sync_point = cur % log_every == 0 or cur == num_steps or is_ckpt
+        stop = _agreed_stop(preempt, sync_point)
+        if sync_point or stop:
           host = [(s, jax.device_get(m)) for s, m in pending]
           _check_finite(host, last_good, self.checkpointer.directory)
           now = time.perf_counter()
@@ -276,10 +295,10 @@ class Trainer:
           final_metrics.update({k: v for k, v in avg.items() if not k.startswith("time/")})
         if eval_every > 0 and cur % eval_every == 0 and cur < num_steps:
           self.evaluate(state, final=False)
-        if is_ckpt or preempt.is_set():
+        if is_ckpt or stop:
           if self.checkpointer.save(cur, state, it.get_state(), force=True):
             last_good = cur
-        if preempt.is_set():
+        if stop:
           self.checkpointer.close()
           self.writer.close()
           bar.close()

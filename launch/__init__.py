@@ -1,0 +1,1 @@
+"""Launch helpers: cluster scripts (SLURM, TPU pods) and `python -m launch.sweep`."""
