@@ -99,7 +99,7 @@ class _Padded:
 
 def collect(source, transforms: Sequence[Any], *, limit: int = 0,
             batch_size: int = 64) -> dict[str, np.ndarray]:
-  """All (or the first `limit`) transformed records of `source` as stacked arrays, on this
+  """All (or a fixed spread subset of `limit`) transformed records of `source` as arrays, on this
   process (for host-side evaluation: FD references, filters)."""
   batches = list(eval_batches(source, transforms, global_batch=batch_size, max_examples=limit,
                               process_index=0, process_count=1))

@@ -71,7 +71,7 @@ class DCLCsTP(ssl_base.PretrainMethod):
   @functools.cached_property
   def net(self) -> ContrastiveNet:
     c, m = self.config, self.config.model
-    encoder = unet.encoder_from_config(m, jnp.dtype(c.dtype), c.remat)
+    encoder = unet.encoder_from_config(m, jnp.dtype(c.dtype), c.get("remat", False))
     if m.projector == "cstp":
       projector = heads.make_projector("cstp", embed_dim=int(m.cstp_width),
                                        out_dim=int(m.embed_dim), num_heads=int(m.cstp_heads),

@@ -98,7 +98,7 @@ class Finetune(base.Method):
 
   def model(self) -> FinetuneNet:
     m = self.config.model
-    encoder = unet.encoder_from_config(m, self.dtype, self.config.remat)
+    encoder = unet.encoder_from_config(m, self.dtype, self.config.get("remat", False))
     return FinetuneNet(task=self.task, num_outputs=self.num_outputs, encoder=encoder,
                        decoder_widths=tuple(m.decoder_widths), norm=m.norm,
                        train_encoder=not self.config.freeze_encoder, dtype=self.dtype)

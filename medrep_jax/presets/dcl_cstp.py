@@ -63,14 +63,14 @@ def dcl_cstp_config(*, variant: str = "dcl_cstp", data: str = "kermany",
                       step_boundaries=(0.6, 0.8), step_factor=0.1))
   c.train.update(dict(batch_size=128, num_epochs=200.0, eval_every=0, log_every=50))
   c.data.image_size = 224
-  if size == "small":  # a CPU-feasible comparison run: ~1 s/step on 2 cores
+  if size == "small":  # a CPU-feasible comparison run: 1-2.5 s/step on 2 cores
     # ResNet-10 (16 filters) with the 3x3 stride-1 stem at 32 px: the last stage is 4x4
     # (XLA:CPU is very slow on 3x3 convs over 2x2 maps; DESIGN.md, machine facts).
     c.data.image_size = 32
     c.model.update(dict(encoder="resnet_tiny", small_input=True, cstp_width=64, cstp_heads=4,
                         mlp_hidden=256, predictor_hidden=64, embed_dim=64))
     c.loss.bank_size = 1024
-    c.train.update(dict(batch_size=64, num_epochs=0.0, num_steps=300, eval_every=0,
+    c.train.update(dict(batch_size=64, num_epochs=0.0, num_steps=200, eval_every=0,
                         checkpoint_every=100, eval_batch_size=128, max_eval_examples=0))
     c.monitor.max_train = 2000
   elif size == "tiny":

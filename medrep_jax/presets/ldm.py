@@ -43,8 +43,10 @@ def ldm_stage_config(stage: str, *, data: str = "kermany", size: str = "paper",
                                     parameterization="eps"))
   c.eval = mlc.ConfigDict(dict(feature_net="vae", feature_net_path="", num_samples=256,
                                ddim_steps=50, num_boot=50))
+  # clip_x0 > 0 clips the predicted x0 of the unit-variance latents to [-clip_x0, clip_x0]
+  # at every sampler step (0: off, as in the paper).
   c.sample = mlc.ConfigDict(dict(num_images=1000, sampler="ddpm", steps=1000, eta=0.0,
-                                 batch_size=64))
+                                 batch_size=64, clip_x0=0.0))
   c.filter = mlc.ConfigDict(dict(k=5, keep_fraction=0.5, copy_quantile=0.05,
                                  copy_factor=1.0, max_real=2000))
   c.train.eval_split = "val"

@@ -89,7 +89,7 @@ def load_vae(run_dir: str | pathlib.Path) -> LoadedVAE:
 def latent_unet(config, latent_channels: int) -> diffusion_unet.DiffusionUNet:
   return diffusion_unet.get_diffusion_unet(config.model.size, latent_channels,
                                            dtype=jnp.dtype(config.dtype),
-                                           remat=bool(config.remat),
+                                           remat=bool(config.get("remat", False)),
                                            **_overrides(config.model))
 
 
@@ -114,6 +114,9 @@ def sample_images(unet, sched, loaded_vae: LoadedVAE, params, scale_factor, late
   kwargs = dict(parameterization=config.diffusion.parameterization, sharding=sharding)
   if sampler == "ddim":
     kwargs.update(num_steps=num_steps, eta=float(config.sample.eta))
+  clip = float(config.sample.get("clip_x0", 0.0))
+  if clip > 0:  # clip x0_hat of the normalized latents (unit variance) at every step
+    kwargs["clip_x0"] = clip
   sample = diffusion.make_sampler(lambda p, x, t, c: unet.apply({"params": p}, x, t),
                                   sched, shape, sampler=sampler, **kwargs)
   params = jax.device_put(params, NamedSharding(mesh, P()))
