@@ -166,3 +166,46 @@ def curve_figure(x: Sequence[float], ys: Mapping[str, Sequence[float]],
   ax.grid(alpha=0.3)
   fig.tight_layout()
   return _save(fig, path, dpi)
+
+
+def heatmap_overlay_grid(images: np.ndarray, heatmaps: Mapping[str, np.ndarray],
+                         path: str | os.PathLike, titles: Sequence[str] | None = None,
+                         alpha: float = 0.5, title: str | None = None, dpi: int = 100) -> str:
+  """Rows: the images, then one row per named heatmap set overlaid on them (e.g. CAMs).
+
+  Heatmaps in [0, 1] at any resolution (e.g. feature-map size) are stretched over the
+  image with bilinear interpolation and the "jet" colormap on the fixed range [0, 1], so a
+  suppressed (zeroed) heatmap shows as uniformly blue, not re-normalized.
+
+  Args:
+    images: (N, H, W, C) or (N, H, W), any range (each is min-max normalized).
+    heatmaps: {row label: (N, h, w) heatmaps}.
+    path: output PNG path.
+    titles: optional column titles (e.g. "normal", "abnormal").
+    alpha: heatmap opacity.
+    title: optional figure title.
+    dpi: resolution.
+  """
+  n = len(images)
+  rows = [("image", None)] + list(heatmaps.items())
+  fig = Figure(figsize=(_CELL * n, _CELL * len(rows) + (0.4 if title else 0)))
+  axes = fig.subplots(len(rows), n, squeeze=False)
+  for i, (label, maps) in enumerate(rows):
+    for j in range(n):
+      ax = axes[i, j]
+      img = to_display(images[j])
+      h, w = img.shape[:2]
+      ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
+      if maps is not None:
+        ax.imshow(np.asarray(maps[j], np.float64), cmap="jet", alpha=alpha, vmin=0, vmax=1,
+                  extent=(-0.5, w - 0.5, h - 0.5, -0.5), interpolation="bilinear")
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if j == 0:
+        ax.set_ylabel(label, fontsize=8)
+      if i == 0 and titles is not None:
+        ax.set_title(str(titles[j]), fontsize=8)
+  if title:
+    fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  return _save(fig, path, dpi)

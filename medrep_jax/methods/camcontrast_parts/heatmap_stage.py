@@ -1,0 +1,158 @@
+"""CAMContrast between the stages: heatmaps from the frozen classifier, then the crop dataset.
+
+Algorithm 1, line 7 and Sec. 3.1: the stage-1 classifier's abnormal-class CAMs (eq. 1) are
+min-max normalized at feature-map resolution, suppressed (negatives, background), and
+every image and heatmap is cut into the fixed crops (`crops.py`). The crop dataset is
+generated once, before stage 2, as WORKDIR/crops_<split>.npz (an `arrays.ArraySource`):
+
+  image         (N, H', W', C) uint8   image crops
+  heatmap       (N, h', w', 1) float32 heatmap crops in [0, 1]
+  label         (N,) int32             coarse label of the source image (0 normal, 1 abnormal)
+  source_label  (N,) or (N, K)         the dataset's own label of the source image
+  source_index  (N,) int64             index of the source image in the split
+  position      (N,) int32             index into POSITIONS (-1: uncropped)
+
+with WORKDIR/manifest.json (strategy, sizes, stride, switches) and a heatmap figure
+(normal and abnormal examples, before and after suppression).
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import numpy as np
+
+from medrep_jax.data import arrays, registry, transforms
+from medrep_jax.data.sources import DataError, SourceInfo
+from medrep_jax.eval import figures as fig_lib
+from medrep_jax.methods import base
+from medrep_jax.methods.camcontrast_parts import classifier_stage, common, crops, heatmaps
+from medrep_jax.train import report as report_lib
+
+MANIFEST = "manifest.json"
+
+
+def load_crops(crops_dir: str | pathlib.Path, split: str = "train"):
+  """(ArraySource of crops_<split>.npz, manifest dict) of a finished heatmap stage."""
+  crops_dir = pathlib.Path(crops_dir)
+  path, manifest = crops_dir / f"crops_{split}.npz", crops_dir / MANIFEST
+  if not path.exists() or not manifest.exists():
+    raise DataError(f"no crop dataset {path} (with {MANIFEST}): point crops_from at a "
+                    f"finished camcontrast stage=heatmaps run (in the pipeline: "
+                    f"'stage:heatmaps') that wrote split {split!r}")
+  meta = json.loads(manifest.read_text())
+  name = f"camcontrast_crops[{meta.get('data', crops_dir.name)}]"
+  info = SourceInfo(name=name, num_classes=2, class_names=common.CLASS_NAMES,
+                    channels=int(meta["channels"]))
+  return arrays.ArraySource.load(path, info), meta
+
+
+def write_crops(workdir: str | pathlib.Path, split: str, images: np.ndarray,
+                heat: np.ndarray, labels: np.ndarray, index: np.ndarray, *, strategy: str,
+                normal_class: int = 0, **meta) -> dict:
+  """Cuts images and heatmaps (`crops.fixed_crops`) and writes crops_<split>.npz + manifest.
+
+  Args:
+    workdir: output folder.
+    split: the split name in the file name.
+    images: (N, H, W, C) uint8 images.
+    heat: (N, h, w) heatmaps (after suppression).
+    labels: (N,) dataset labels or (N, K) multi-hot labels of the images.
+    index: (N,) indices of the images in their split.
+    strategy: a `crops.STRATEGIES` entry.
+    normal_class: the dataset label that is "normal".
+    **meta: extra manifest entries (data name, classifier run, switches).
+
+  Returns:
+    The manifest (also written to workdir/manifest.json), with "num_crops".
+  """
+  cut = crops.fixed_crops(images, heat, strategy)
+  src = cut["source"]
+  coarse = common.coarse_labels(np.asarray(labels)[src], normal_class)
+  data = {"image": cut["image"], "heatmap": cut["heatmap"],
+          "label": (~heatmaps.is_normal(coarse)).astype(np.int32),
+          "source_label": np.asarray(labels)[src], "source_index": np.asarray(index)[src],
+          "position": cut["position"]}
+  channels = int(images.shape[-1])
+  workdir = pathlib.Path(workdir)
+  arrays.ArraySource(data, SourceInfo("crops", 2, common.CLASS_NAMES, channels)
+                     ).save(workdir / f"crops_{split}.npz")
+  manifest = {**meta, "strategy": strategy, "positions": crops.POSITIONS,
+              "stride": crops.heatmap_stride(images.shape[1:3], heat.shape[1:]),
+              "image_size": list(images.shape[1:3]), "crop_size": list(cut["image"].shape[1:3]),
+              "heatmap_size": list(heat.shape[1:]),
+              "heatmap_crop_size": list(cut["heatmap"].shape[1:3]), "channels": channels,
+              "num_crops": int(len(src))}
+  (workdir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+  return manifest
+
+
+class HeatmapStage(base.Task):
+  """Writes the crop dataset(s) of `config.heatmap.splits` and the heatmap figure."""
+
+  def run(self, workdir: pathlib.Path) -> dict:
+    c = self.config
+    ccfg, variables = common.load_classifier(c.classifier_from)
+    self.fn = common.map_fn(common.encoder_of(ccfg), weighted=bool(c.heatmap.weighted))
+    self.variables = variables
+    self.tfs = transforms.build_transforms(c.data, train=False)
+    workdir = pathlib.Path(workdir)
+    result = {}
+    for split in c.heatmap.splits:
+      got, coarse, hm = self._heatmaps(split)
+      result.update(_stats(got, coarse, hm, split))
+      keep = np.ones(len(coarse), bool)
+      if c.heatmap.discard_negatives:  # Table 4, "discard all negatives"
+        keep = ~heatmaps.is_normal(coarse)
+      u8 = np.clip(np.round(got["image"][keep] * 255.0), 0, 255).astype(np.uint8)
+      meta = write_crops(workdir, split, u8, hm["heatmap"][keep], got["label"][keep],
+                         got["index"][keep], strategy=c.crops.strategy,
+                         normal_class=int(c.coarse.normal_class), data=c.data.name,
+                         classifier_from=str(c.classifier_from),
+                         options={k: c.heatmap[k] for k in c.heatmap if k != "splits"})
+      result[f"{split}/num_crops"] = meta["num_crops"]
+    figure = self._figure(workdir)
+    report_lib.write_report(workdir, c, result, {"heatmaps": figure}, [
+        f"Crop dataset: `{workdir}/crops_<split>.npz` ({c.crops.strategy} crops), "
+        f"manifest `{MANIFEST}`."])
+    return result
+
+  def _heatmaps(self, split: str, limit: int = 0):
+    """(collected maps, coarse labels, `heatmaps.make_heatmaps` output) of a split."""
+    c = self.config
+    got = common.collect_maps(self.fn, self.variables, registry.get_source(c.data, split),
+                              self.tfs, batch_size=int(c.train.eval_batch_size), limit=limit)
+    coarse = common.coarse_labels(got["label"], int(c.coarse.normal_class))
+    hm = heatmaps.make_heatmaps(got["maps"], coarse, got["image"],
+                                heatmaps.options_from_config(c.heatmap))
+    return got, coarse, hm
+
+  def _figure(self, workdir: pathlib.Path) -> str:
+    c = self.config
+    got, coarse, hm = self._heatmaps(c.heatmap.figure_split, limit=int(c.heatmap.figure_pool))
+    rows = classifier_stage.pick_examples(coarse)
+    path = fig_lib.heatmap_overlay_grid(
+        got["image"][rows], {"CAM heatmap": hm["raw"][rows], "suppressed": hm["heatmap"][rows],
+                             "foreground": hm["foreground"][rows]},
+        workdir / "figures" / "heatmaps.png",
+        titles=classifier_stage.column_titles(coarse[rows], got["logits"][rows]),
+        title=f"{c.data.name} ({c.heatmap.figure_split}): heatmaps before / after suppression")
+    return os.path.relpath(path, workdir)
+
+
+def _stats(got: dict, coarse: np.ndarray, hm: dict, split: str) -> dict[str, float]:
+  """Classifier accuracy and where the (unsuppressed) heatmaps put their mass."""
+  normal = heatmaps.is_normal(coarse)
+  out = {f"{split}/num_images": len(coarse)}
+  if got["logits"].shape[-1] == 2 and coarse.ndim == 1:
+    out[f"{split}/classifier_accuracy"] = float(np.mean(got["logits"].argmax(-1) == coarse))
+  raw, fg = hm["raw"], hm["foreground"]
+  for name, rows in (("normal", normal), ("abnormal", ~normal)):
+    if rows.any():
+      out[f"{split}/mean_heat_{name}"] = float(raw[rows].mean())
+      mass = raw[rows].sum()
+      out[f"{split}/heat_in_foreground_{name}"] = float((raw[rows] * fg[rows]).sum()
+                                                       / max(mass, 1e-12))
+  out[f"{split}/foreground_fraction"] = float(fg.mean())
+  return out
