@@ -122,10 +122,16 @@ def is_seed_key(key: str) -> bool:
 
 
 def group_over_seeds(keys: list[str], rows: list[dict], columns: list[str]) -> list[dict]:
-  """Groups rows equal in every non-seed key: {values, n, stats: {col: (mean, std, count)}}."""
+  """Groups rows equal in every non-seed key: {values, n, stats: {col: (mean, std, count)}}.
+
+  Only finished runs count (`n` is how many): a running run's metrics are from an earlier
+  step and would mix into the mean.
+  """
   others = [k for k in keys if not is_seed_key(k)]
   groups: dict[str, dict] = {}
   for row in rows:
+    if row["status"] != "done":
+      continue
     ident = json.dumps([row["values"].get(k) for k in others])
     group = groups.setdefault(ident, dict(values={k: row["values"].get(k) for k in others},
                                           rows=[]))
