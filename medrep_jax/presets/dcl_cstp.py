@@ -69,7 +69,7 @@ def dcl_cstp_config(*, variant: str = "dcl_cstp", data: str = "kermany",
     c.data.image_size = 32
     c.model.update(dict(encoder="resnet_tiny", small_input=True, cstp_width=64, cstp_heads=4,
                         mlp_hidden=256, predictor_hidden=64, embed_dim=64))
-    c.loss.bank_size = 1024
+    c.loss.bank_size = 1024 if task == "classification" else 512
     c.train.update(dict(batch_size=64, num_epochs=0.0, num_steps=200, eval_every=0,
                         checkpoint_every=100, eval_batch_size=128, max_eval_examples=0))
     c.monitor.max_train = 2000
