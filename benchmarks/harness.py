@@ -78,10 +78,11 @@ def time_fn(fn: Callable[[], Any], *, warmup: int = 2, iters: int = 10) -> dict[
 
 
 class CompileResult(NamedTuple):
-  """An ahead-of-time compiled executable and what it cost to build."""
+  """An ahead-of-time compiled executable, what it cost to build, and its lowering."""
   compiled: Any
   lower_s: float
   compile_s: float
+  lowered: Any = None
 
   @property
   def total_s(self) -> float:
@@ -99,7 +100,7 @@ def compile_time(jitted: Any, *args: Any, **kwargs: Any) -> CompileResult:
   lowered = jitted.lower(*args, **kwargs)
   mid = time.perf_counter()
   compiled = lowered.compile()
-  return CompileResult(compiled, mid - start, time.perf_counter() - mid)
+  return CompileResult(compiled, mid - start, time.perf_counter() - mid, lowered)
 
 
 def _cost_entries(compiled: Any) -> list[Mapping[str, Any]]:

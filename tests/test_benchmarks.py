@@ -231,3 +231,138 @@ def test_benchmark_runs_with_torch(tmp_path):
   assert len(speedup["ratios"]) == 3
   assert speedup["min"] <= speedup["median"] <= speedup["max"]
   assert record["torch_train"]["eager"]["threads"] == 1
+
+
+# ------------------------------------------------------------------ model FLOPs, HLO dtypes
+
+
+def test_count_flops_resnet50_matches_the_published_count():
+  from benchmarks import flops
+  from medrep_jax.models import resnet
+  model = resnet.resnet50()
+  x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)),
+                                                train=False))
+  fwd = flops.count_flops(lambda v, x: model.apply(v, x, train=False), variables, x)
+  assert fwd == pytest.approx(8.2e9, rel=0.01)  # 4.1 GMAC (He et al., 2016).
+  assert flops.train_step_flops(fwd, 2 * fwd) == pytest.approx(5 * fwd)
+
+
+def test_count_flops_counts_matmuls_and_scan_bodies():
+  from benchmarks import flops
+  a, b = jax.ShapeDtypeStruct((8, 16), jnp.float32), jax.ShapeDtypeStruct((16, 4), jnp.float32)
+  assert flops.count_flops(lambda a, b: a @ b, a, b) == 2 * 8 * 16 * 4
+
+  def scanned(a, b):
+    return jax.lax.scan(lambda c, _: (c, jnp.tanh(c @ b)), a, None, length=5)[1]
+
+  assert flops.count_flops(scanned, a, b) == 5 * 2 * 8 * 16 * 4
+
+
+def test_matmul_dtypes_reads_lowered_and_compiled_hlo():
+  from benchmarks import guards
+
+  def f(x, w, a, b):
+    y = jax.lax.conv_general_dilated(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), (1, 1),
+                                     "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y.astype(jnp.float32).sum() + (a @ b).sum()
+
+  args = (jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 5)), jnp.ones((6, 7)), jnp.ones((7, 9)))
+  lowered = jax.jit(f).lower(*args)
+  report = guards.matmul_dtypes(lowered.as_text())
+  conv, dot = 2 * (2 * 8 * 8 * 5) * (3 * 3 * 4), 2 * 6 * 9 * 7
+  assert report["convolution"] == {"bf16": conv}
+  assert report["dot_general"] == {"f32": dot}
+  assert report["bf16_fraction"] == pytest.approx(conv / (conv + dot))
+  assert report["f32_ops"] == [("dot_general", [6, 7], [7, 9])]
+  compiled = guards.compiled_matmul_dtypes(lowered.compile().as_text())
+  assert sum(compiled.values()) == 2 and "dot:f32*f32" in compiled
+
+
+# ------------------------------------------------------------------ torch dual-stream step
+
+
+def test_torch_resnet50_has_the_jax_parameter_count(torch):
+  del torch
+  from benchmarks.torch_ref.diffusion_unet import count_params
+  from benchmarks.torch_ref.resnet import ResNet
+  assert count_params(ResNet("resnet50", 3)) == 23_508_032  # As medrep_jax.models.resnet.
+
+
+def test_torch_dual_stream_step_computes_the_jax_step(torch):
+  """Same weights, bank and views: same loss terms, same enqueued keys, same SGD update."""
+  from benchmarks.torch_ref import dual_stream
+  from medrep_jax.data import augment
+  from medrep_jax.methods import load_method
+  from medrep_jax.presets.dcl_cstp import dcl_cstp_config
+  from medrep_jax.train import mesh as mesh_lib
+  c = dcl_cstp_config(size="tiny", data="phantoms")
+  method = load_method(c)
+  method.mesh = mesh_lib.make_mesh(c.mesh, jax.devices()[:1])
+  batch = {"image": jnp.asarray(np.random.default_rng(0).random((8, 32, 32, 1), np.float32)),
+           "index": jnp.arange(8)}
+  state = jax.jit(method.init_state)(jax.random.key(0), batch)
+  rng = jax.random.key(5)
+  new_state, metrics = jax.jit(method.train_step)(state, batch, rng)
+  views = augment.make_views(rng, batch["image"], c.augment.policy, method.num_views,
+                             indices=batch["index"], out_size=int(c.data.image_size))
+  step = dual_stream.DualStreamStep(dual_stream.net_from_config(c), c)
+  step.load_jax_state(state)
+  x = torch.from_numpy(np.array(views)).permute(0, 1, 4, 2, 3).contiguous()
+  with torch.no_grad():
+    loss, terms, _ = step.losses(x)
+  assert float(loss) == pytest.approx(float(metrics["loss"]), rel=1e-4)
+  for k in ("nce", "kl", "cs"):
+    assert float(terms[k]) == pytest.approx(float(metrics[f"loss/{k}"]), rel=1e-4, abs=1e-6)
+  step(x)
+  np.testing.assert_allclose(step.bank.numpy(), np.asarray(new_state.extras["bank"]), atol=1e-5)
+  for module, path in ((step.net.projector.head, ("projector", "head")),
+                       (step.net.encoder.stem_conv, ("encoder", "stem_conv"))):
+    want = np.asarray(new_state.params[path[0]][path[1]]["kernel"])
+    got = module.weight.detach().numpy()
+    got = got.T if got.ndim == 2 else got.transpose(2, 3, 1, 0)
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-4)
+
+
+# ------------------------------------------------------------------ the suite
+
+
+def _run_suite(tmp_path, args: list[str], *, hide_torch: bool = False) -> tuple[dict, str]:
+  out = tmp_path / "suite.json"
+  env = {**os.environ, "PYTHONPATH": str(REPO_ROOT),
+         "XLA_FLAGS": "--xla_backend_optimization_level=0"}  # One device, as a user run.
+  argv = ["benchmarks.run", "--quick", *args, "--json", str(out)]
+  hide = "sys.modules['torch'] = None; " if hide_torch else ""  # As a [dev]-only install.
+  code = (f"import runpy, sys; {hide}sys.argv = {argv!r}; "
+          f"runpy.run_module('benchmarks.run', run_name='__main__')")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return json.loads(out.read_text()), proc.stdout
+
+
+def test_suite_runs_and_checks_with_torch(tmp_path):
+  pytest.importorskip("torch")
+  record, stdout = _run_suite(tmp_path, ["--only", "dcl_cstp,ldm_unet", "--check",
+                                         "--torch-threads", "1"])
+  assert "speedup_vs_torch" in stdout and "step traced once" in stdout
+  rows = {r["workload"]: r for r in record["rows"]}
+  assert set(rows) == {"dcl_cstp", "ldm_unet"}
+  for r in rows.values():
+    assert r["step_s"] > 0 and r["examples_per_sec"] > 0 and r["compiles"] == 1
+    assert r["undonated"] == [] and r["donation_warnings"] == []
+    assert 0.5 < r["xla_over_analytic"] < 2.0  # XLA's count vs 3 x forward (+ momentum).
+    sp = r["speedup_vs_torch"]
+    assert sp["min"] <= sp["median"] <= sp["max"] and len(sp["ratios"]) == 2
+  assert rows["dcl_cstp"]["torch"]["eager"]["threads"] == 1
+  assert 0 < rows["dcl_cstp"]["augment_s"]
+  assert record["checks"] and all(c["ok"] is not False for c in record["checks"])
+
+
+def test_suite_runs_without_torch(tmp_path):
+  record, _ = _run_suite(tmp_path, ["--only", "ddim50,vae"], hide_torch=True)
+  rows = {r["workload"]: r for r in record["rows"]}
+  assert set(rows) == {"ddim50", "vae"}
+  assert rows["ddim50"]["ddim_steps"] == 50 and rows["ddim50"]["jit_cache_size"] == 1
+  assert all("speedup_vs_torch" not in r for r in rows.values())
+  assert record["peak"]["flops_per_sec"] > 0

@@ -1,0 +1,44 @@
+"""The benchmark workloads, by name, in the order ``benchmarks.run`` runs them.
+
+Each runner takes ``common.Options`` and returns table rows (dicts with
+``workload``, ``point`` and the measured fields). Runners import lazily so a
+``--only`` run pays only for its own imports.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+# name -> (module, runner attribute or (factory, argument), one-line description)
+_REGISTRY: dict[str, tuple[str, Any, str]] = {
+    "dcl_cstp": ("ssl", "run_dcl", "DCL-CsTP dual-stream step (+ torch A/B, augmentation cost)"),
+    "dcl_cstp_bank": ("ssl", "run_bank", "DCL-CsTP step at K and 16 K bank keys, interleaved"),
+    "dcl_cstp_sweep": ("ssl", "run_sweep", "DCL-CsTP step at other batch and image sizes"),
+    "mocov2": ("ssl", ("baseline", "mocov2"), "MoCo-v2 preset step"),
+    "simclr": ("ssl", ("baseline", "simclr"), "SimCLR preset step"),
+    "simsiam": ("ssl", ("baseline", "simsiam"), "SimSiam preset step"),
+    "ldm_unet": ("ldm", "run_unet", "LDM latent UNet train step (+ torch A/B)"),
+    "vae": ("ldm", "run_vae", "LDM KL-VAE train step"),
+    "ddim50": ("ldm", "run_ddim", "DDIM-50 sampling of the latent UNet"),
+    "seg_finetune": ("segmentation", "run_seg", "U-Net segmentation fine-tuning step"),
+}
+NAMES = tuple(_REGISTRY)
+
+
+def describe(name: str) -> str:
+  return _REGISTRY[name][2]
+
+
+def runner(name: str) -> Callable[..., list[dict[str, Any]]]:
+  """The runner of workload ``name``.
+
+  Raises:
+    KeyError: unknown name (the message lists the valid names).
+  """
+  if name not in _REGISTRY:
+    raise KeyError(f"unknown workload {name!r}; valid: {', '.join(NAMES)}")
+  module, attr, _ = _REGISTRY[name]
+  mod = importlib.import_module(f"benchmarks.workloads.{module}")
+  if isinstance(attr, tuple):
+    return getattr(mod, attr[0])(attr[1])
+  return getattr(mod, attr)

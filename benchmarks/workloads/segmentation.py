@@ -1,0 +1,65 @@
+"""U-Net segmentation fine-tuning: the ``finetune`` method's step with ``task=segmentation``.
+
+A ResNet encoder with the U-Net decoder on its stages (skip connections),
+IoU + BCE loss (eq. 9), AdamW, full fine-tuning. The method learns the number
+of mask classes from its data source; the benchmark gives it a binary-mask
+source description instead of a dataset.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from benchmarks import flops
+from benchmarks.workloads.common import Options, measure_config, row
+from medrep_jax.data.sources import SourceInfo
+from medrep_jax.presets.finetune import finetune_config
+
+SEG = {
+    "quick": dict(encoder="resnet_tiny", tiny=True, image=32, batch=8),
+    "cpu": dict(encoder="resnet18", tiny=False, image=96, batch=8),
+    "gpu": dict(encoder="resnet50", tiny=False, image=256, batch=32),
+}
+
+
+def binary_masks(method: Any) -> None:
+  """Tells the method its (absent) data has binary masks."""
+  # pylint: disable-next=protected-access
+  method._info = SourceInfo(name="synthetic", num_classes=0, class_names=(), channels=3,
+                            has_mask=True, num_mask_classes=2)
+
+
+def seg_analytic(method: Any, state: Any, batch: Mapping[str, jax.Array]) -> tuple[float, float]:
+  del method
+  x = batch["image"]
+  variables = flops.abstract({"params": state.params, **state.model_state})
+  fwd = flops.count_flops(lambda v, x: state.apply_fn(v, x, train=True, mutable=["batch_stats"]),
+                          variables, jax.ShapeDtypeStruct(x.shape, x.dtype))
+  return fwd, 0.0
+
+
+def seg_setup(opts: Options) -> tuple[Any, dict[str, np.ndarray]]:
+  """(config, loader-shaped batch of images and binary masks) at the suite's size."""
+  s = opts.size(SEG)
+  c = finetune_config(task="segmentation", data="phantoms", size="tiny" if s["tiny"] else "paper",
+                      encoder=s["encoder"])
+  c.model.small_input = s["tiny"]
+  c.data.image_size, c.data.channels = s["image"], 3
+  c.train.update(batch_size=s["batch"], eval_batch_size=s["batch"], num_steps=1000,
+                 progress=False)
+  c.dtype = opts.compute_dtype
+  rng = np.random.default_rng(opts.seed)
+  b, px = s["batch"], s["image"]
+  batch = {"image": rng.random((b, px, px, 3), np.float32),
+           "mask": (rng.random((b, px, px)) > 0.5).astype(np.uint8),
+           "index": np.arange(b, dtype=np.int32)}
+  return c, batch
+
+
+def run_seg(opts: Options) -> list[dict[str, Any]]:
+  c, batch = seg_setup(opts)
+  rec = measure_config(c, batch, opts, analytic=seg_analytic, prepare=binary_masks)
+  return [row("seg_finetune", f"{c.model.encoder} U-Net {c.data.image_size}px "
+                              f"B{c.train.batch_size} {c.dtype}", rec)]
