@@ -126,7 +126,7 @@ def matmul_dtypes(stablehlo_text: str) -> dict[str, Any]:
 
 
 _INSTR = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.+?) ([\w-]+)\((.*)$")
-_COMP = re.compile(r"^%(\S+) \(")
+_COMP = re.compile(r"^(?:ENTRY )?%(\S+) \(")
 _TARGET = re.compile(r'custom_call_target="([^"]*)"')
 
 

@@ -366,3 +366,31 @@ def test_suite_runs_without_torch(tmp_path):
   assert rows["ddim50"]["ddim_steps"] == 50 and rows["ddim50"]["jit_cache_size"] == 1
   assert all("speedup_vs_torch" not in r for r in rows.values())
   assert record["peak"]["flops_per_sec"] > 0
+
+
+def test_profile_classifies_ops_by_kind_and_pass():
+  from benchmarks import guards
+  from benchmarks.profile_step import classify
+  text = "\n".join([
+      "%fused_computation.1 (param_0: f32[8,6,6,4], param_1: f32[6,6,4,5]) -> f32[3,3,4,5] {",
+      "  %param_0 = f32[8,6,6,4]{3,2,1,0} parameter(0)",
+      "  %param_1 = f32[6,6,4,5]{3,2,1,0} parameter(1)",
+      "  ROOT %convolution.1 = f32[3,3,4,5]{3,2,1,0} convolution(%param_0, %param_1), "
+      "window={size=6x6 pad=1_1x1_1}, dim_labels=f01b_i01o->01bf",
+      "}",
+      "ENTRY %main (p0: f32[8,6,6,4], p1: f32[3,3,4,5], p2: f32[8,6,6,5]) -> f32[8,6,6,5] {",
+      "  %p0 = f32[8,6,6,4]{3,2,1,0} parameter(0)",
+      "  %p1 = f32[3,3,4,5]{3,2,1,0} parameter(1)",
+      "  %p2 = f32[8,6,6,5]{3,2,1,0} parameter(2)",
+      "  %ynn_fusion.1 = f32[3,3,4,5]{3,2,1,0} fusion(%p0, %p2), kind=kCustom, "
+      "calls=%fused_computation.1",
+      "  %conv.2 = f32[8,6,6,5]{3,2,1,0} convolution(%p0, %p1), window={size=3x3 pad=1_1x1_1}, "
+      "dim_labels=b01f_01io->b01f, metadata={op_name=\"jit(step)/jvp(Net)/encoder/conv\"}",
+      "  ROOT %add.3 = f32[8,6,6,5]{3,2,1,0} add(%conv.2, %p2), "
+      "metadata={op_name=\"jit(step)/transpose(jvp(Net))/add\"}",
+      "}"])
+  instrs, comps = guards.parse_hlo(text)
+  assert classify("ynn_fusion.1", instrs, comps) == ("conv", "backward: filter grad")
+  assert classify("conv.2", instrs, comps) == ("conv", "forward (online, 3 views)")
+  assert classify("add.3", instrs, comps) == ("elementwise/other", "backward")
+  assert guards.compiled_matmul_dtypes(text) == {"convolution:f32*f32": 2}
