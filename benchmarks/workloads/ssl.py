@@ -7,8 +7,11 @@ Workloads:
     rounds against ``benchmarks.torch_ref.dual_stream`` on the same weights and
     the same augmented views (``speedup_vs_torch``).
   ``dcl_cstp_bank``: the same step with K and 16 x K keys, timed in
-    alternating rounds; ``bank_step_ratio`` = step(16 K) / step(K) should stay
-    within a few percent of 1 (``--check`` fails it above 1.05).
+    alternating rounds; ``bank_step_ratio`` = step(16 K) / step(K), the median of
+    per-round ratios, should stay within a few percent of 1 (``--check`` fails
+    it above 1.05 on accelerators and 1.10 on CPU, where shared machines make
+    single steps vary by more than the bank costs). ``bank_flops_ratio`` is
+    XLA's FLOP count of the two programs, the deterministic side of the same claim.
   ``dcl_cstp_sweep``: more batch sizes and image sizes.
   ``mocov2``, ``simclr``, ``simsiam``: the baseline presets of the same method.
 
@@ -50,7 +53,7 @@ SWEEP = {
     "gpu": [("resnet50", 64, 224), ("resnet50", 256, 224), ("resnet50", 128, 160)],
 }
 BANK_GROWTH = 16
-FLAT_TOLERANCE = 0.05
+FLAT_TOLERANCE = {"cpu": 0.10}  # Other platforms: 0.05.
 
 
 def ssl_config(variant: str, opts: Options, *, encoder: str, tiny: bool, image_size: int,
@@ -169,7 +172,7 @@ def run_bank(opts: Options) -> list[dict[str, Any]]:
     benches = {small: bench, big: other}
     probe = max(steps.timed(b, warmup=opts.timing["warmup"], iters=1)["median_s"]
                 for b in benches.values())
-    rounds = max(3, opts.timing["rounds"])
+    rounds = max(5, opts.timing["rounds"])
     with jax.transfer_guard("disallow"):
       med = harness.interleave({str(k): b for k, b in benches.items()}, rounds,
                                iters=torch_ab.iters_per_round(probe, opts.timing["budget_s"],
@@ -182,11 +185,20 @@ def run_bank(opts: Options) -> list[dict[str, Any]]:
       rec.update(bank_size=k, times=timing["times"], dtype=str(c.dtype),
                  compiles=bench.counter["traces"])
       if k == big:
+        tol = FLAT_TOLERANCE.get(jax.devices()[0].platform, 0.05)
+        # Not judged at --quick size: -O0 programs of ~0.1 s are all noise.
+        flat = None if opts.suite == "quick" else ratio["median"] <= 1 + tol
         rec.update(bank_step_ratio=ratio["median"], bank_step_ratio_fastest=ratio["min_over_min"],
-                   bank_flat=ratio["min_over_min"] <= 1 + FLAT_TOLERANCE)
+                   bank_flat=flat, bank_flat_tolerance=tol,
+                   bank_flops_ratio=_ratio(rec.get("flops_per_example_xla"),
+                                           records[small].get("flops_per_example_xla")))
       c.loss.bank_size = k
       rows.append(row("dcl_cstp_bank", point(c), rec))
   return rows
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+  return a / b if a and b else None
 
 
 def run_sweep(opts: Options) -> list[dict[str, Any]]:
