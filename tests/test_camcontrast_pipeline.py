@@ -145,3 +145,21 @@ def test_stage2_loss_pairs_each_augmented_crop_with_its_heatmap(fake_crops, tmp_
   pos = np.concatenate([np.arange(b, 2 * b), np.arange(b)])
   ref = np.mean([-np.log(sim[i, pos[i]] / (sim[i].sum() - sim[i, i])) for i in range(2 * b)])
   assert float(loss) == pytest.approx(ref, rel=1e-4)
+
+
+def test_heatmap_stats_locate_the_mass():
+  """Foreground and centre-box shares of heatmap mass, per coarse class, on hand-made maps."""
+  raw = np.zeros((2, 8, 8), np.float32)
+  raw[0, 2:6, 2:6] = 1.0  # all mass inside the centre crop's box
+  raw[1, 0, 0] = 1.0  # all mass in a corner
+  fg = np.ones_like(raw)
+  fg[1, 0, :] = 0.0  # the corner is background
+  got = {"logits": np.array([[0.0, 1.0], [1.0, 0.0]]), "label": np.array([1, 0])}
+  stats = heatmap_stage._stats(got, np.array([1, 0]), {"raw": raw, "foreground": fg}, "val")
+  assert stats["val/classifier_accuracy"] == 1.0
+  assert stats["val/heat_in_centre_abnormal"] == pytest.approx(1.0)
+  assert stats["val/heat_in_centre_normal"] == pytest.approx(0.0)
+  assert stats["val/peak_in_centre_abnormal"] == 1.0 and stats["val/peak_in_centre_normal"] == 0.0
+  assert stats["val/heat_in_foreground_abnormal"] == pytest.approx(1.0)
+  assert stats["val/heat_in_foreground_normal"] == pytest.approx(0.0)
+  assert stats["val/foreground_fraction"] == pytest.approx(1 - 8 / 128)

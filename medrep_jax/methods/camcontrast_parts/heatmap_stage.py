@@ -142,17 +142,30 @@ class HeatmapStage(base.Task):
 
 
 def _stats(got: dict, coarse: np.ndarray, hm: dict, split: str) -> dict[str, float]:
-  """Classifier accuracy and where the (unsuppressed) heatmaps put their mass."""
+  """Classifier accuracy and where the (unsuppressed) heatmaps put their mass.
+
+  `heat_in_centre_*` is the share of heatmap mass inside the centre crop's box (a quarter of
+  the image): about 0.25 for a heatmap spread evenly, more when it sits on the central anatomy
+  (lungs and mediastinum on a chest X-ray, the fundus on a retina photograph).
+  `peak_in_centre_*` is the share of heatmaps whose maximum lies in that box.
+  """
   normal = heatmaps.is_normal(coarse)
   out = {f"{split}/num_images": len(coarse)}
   if got["logits"].shape[-1] == 2 and coarse.ndim == 1:
     out[f"{split}/classifier_accuracy"] = float(np.mean(got["logits"].argmax(-1) == coarse))
   raw, fg = hm["raw"], hm["foreground"]
+  centre = np.zeros(raw.shape[1:3], np.float32)  # the centre crop's box on the heatmap grid
+  if min(centre.shape) >= 2 and not (centre.shape[0] % 2 or centre.shape[1] % 2):
+    top, left, height, width = crops.crop_boxes(centre.shape, "five")[-1]
+    centre[top:top + height, left:left + width] = 1.0
   for name, rows in (("normal", normal), ("abnormal", ~normal)):
     if rows.any():
       out[f"{split}/mean_heat_{name}"] = float(raw[rows].mean())
-      mass = raw[rows].sum()
-      out[f"{split}/heat_in_foreground_{name}"] = float((raw[rows] * fg[rows]).sum()
-                                                       / max(mass, 1e-12))
+      mass = max(float(raw[rows].sum()), 1e-12)
+      out[f"{split}/heat_in_foreground_{name}"] = float((raw[rows] * fg[rows]).sum() / mass)
+      if centre.any():
+        out[f"{split}/heat_in_centre_{name}"] = float((raw[rows] * centre).sum() / mass)
+        peaks = raw[rows].reshape(int(rows.sum()), -1).argmax(-1)
+        out[f"{split}/peak_in_centre_{name}"] = float(centre.reshape(-1)[peaks].mean())
   out[f"{split}/foreground_fraction"] = float(fg.mean())
   return out
