@@ -97,7 +97,7 @@ def stage_config(stage: str, *, variant: str = "camcontrast", data: str = "kerma
     _small(c, stage)
   elif size == "tiny":
     _tiny(c)
-  if variant == "random":
+  if variant == "random" or stage in ("heatmaps", "linear_eval"):  # no training steps
     c.train.update(dict(num_epochs=0.0, num_steps=0))
   return c
 
