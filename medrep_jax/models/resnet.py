@@ -24,6 +24,8 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from medrep_jax.models import conv_grad
+
 Dtype = Any
 Features = dict[str, jnp.ndarray]
 
@@ -72,6 +74,7 @@ def make_norm(kind: str, x: jnp.ndarray, train: bool, *, name: str,
 def _conv(dtype: Dtype) -> Callable[..., nn.Conv]:
   return functools.partial(
       nn.Conv, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+      conv_general_dilated=conv_grad.conv_general_dilated,
       kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
 
 

@@ -1,0 +1,112 @@
+"""2-D convolution whose weight gradient is a sum of matrix products (fast on XLA:CPU).
+
+XLA computes a convolution's weight gradient as another convolution that contracts over the
+batch. On CPU it re-lays the activations and output gradients out batch-last first, and those
+transposes plus the batch-contracting convolution cost more than the forward pass
+(docs/results/benchmarks.md, "Profiling the CPU gap"). Written per kernel tap, the same
+gradient is
+
+    dW[i, j] = sum_{b, y, x} x_pad[b, s*y + i, s*x + j, :]^T dy[b, y, x, :]
+
+one (N, C_in)^T (N, C_out) matrix product per tap (i, j), N = batch * output pixels, with the
+activations in their natural NHWC layout: a 1x1 convolution needs no copy at all and a k x k
+one a strided slice per tap. The forward pass and the input gradient are XLA's own.
+`conv_general_dilated` has `lax.conv_general_dilated`'s signature and is passed to `nn.Conv`
+(`conv_general_dilated=`); cases it does not cover (other layouts, dilation, groups, 1-D/3-D)
+go to `lax.conv_general_dilated` unchanged.
+
+The matmul gradient is used on the CPU backend only (GPU and TPU convolution libraries have
+fast weight gradients of their own). `MEDREP_CONV_WEIGHT_GRAD=xla|matmul` forces one path on
+every backend, e.g. for A/B timing.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+MODES = ("auto", "xla", "matmul")
+
+
+def use_matmul_weight_grad() -> bool:
+  """Whether traced convolutions take the matmul weight gradient (see module docstring)."""
+  mode = os.environ.get("MEDREP_CONV_WEIGHT_GRAD", "auto").strip().lower() or "auto"
+  if mode not in MODES:
+    raise ValueError(f"MEDREP_CONV_WEIGHT_GRAD must be one of {MODES}, got {mode!r}")
+  return mode == "matmul" or (mode == "auto" and jax.default_backend() == "cpu")
+
+
+def _is_nhwc(dimension_numbers) -> bool:
+  if dimension_numbers is None:
+    return False
+  if isinstance(dimension_numbers, lax.ConvDimensionNumbers):
+    return tuple(dimension_numbers) == ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+  return tuple(dimension_numbers) == _NHWC
+
+
+def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
+                         batch_group_count: int = 1, precision=None,
+                         preferred_element_type=None):
+  """`lax.conv_general_dilated` with a matmul weight gradient for plain NHWC 2-D convs."""
+  plain = (use_matmul_weight_grad() and lhs.ndim == 4 and _is_nhwc(dimension_numbers) and feature_group_count == 1
+           and batch_group_count == 1 and all(d == 1 for d in (lhs_dilation or (1, 1)))
+           and all(d == 1 for d in (rhs_dilation or (1, 1))))
+  if not plain:
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
+                                    rhs_dilation, dimension_numbers, feature_group_count,
+                                    batch_group_count, precision, preferred_element_type)
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+  pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+  return _conv(lhs, rhs, tuple(int(s) for s in window_strides), pads, precision,
+               preferred_element_type)
+
+
+def _forward(x, w, strides, pads, precision, out_dtype):
+  return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC,
+                                  precision=precision, preferred_element_type=out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv(x, w, strides, pads, precision, out_dtype):
+  return _forward(x, w, strides, pads, precision, out_dtype)
+
+
+def _conv_fwd(x, w, strides, pads, precision, out_dtype):
+  return _forward(x, w, strides, pads, precision, out_dtype), (x, w)
+
+
+def weight_grad(x: jax.Array, dy: jax.Array, kernel_hw: tuple[int, int],
+                strides: tuple[int, int], pads) -> jax.Array:
+  """dW (kh, kw, C_in, C_out) of an NHWC convolution, one matrix product per kernel tap."""
+  (kh, kw), (sh, sw) = kernel_hw, strides
+  b, ho, wo, c_out = dy.shape
+  c_in = x.shape[-1]
+  if any(lo or hi for lo, hi in pads):
+    x = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+  dy2 = dy.reshape(b * ho * wo, c_out)
+  taps = []
+  for i in range(kh):
+    for j in range(kw):
+      xs = lax.slice(x, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c_in),
+                     (1, sh, sw, 1))
+      taps.append(lax.dot_general(xs.reshape(b * ho * wo, c_in), dy2, (((0,), (0,)), ((), ())),
+                                  preferred_element_type=jnp.float32))
+  return jnp.stack(taps).reshape(kh, kw, c_in, c_out)
+
+
+def _conv_bwd(strides, pads, precision, out_dtype, res, dy):
+  x, w = res
+  _, input_vjp = jax.vjp(lambda x_: _forward(x_, w, strides, pads, precision, out_dtype), x)
+  (dx,) = input_vjp(dy)
+  dw = weight_grad(x, dy.astype(x.dtype), w.shape[:2], strides, pads)
+  return dx, dw.astype(w.dtype)
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
