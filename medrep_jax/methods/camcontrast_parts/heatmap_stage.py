@@ -155,9 +155,11 @@ def _stats(got: dict, coarse: np.ndarray, hm: dict, split: str) -> dict[str, flo
     out[f"{split}/classifier_accuracy"] = float(np.mean(got["logits"].argmax(-1) == coarse))
   raw, fg = hm["raw"], hm["foreground"]
   centre = np.zeros(raw.shape[1:3], np.float32)  # the centre crop's box on the heatmap grid
-  if min(centre.shape) >= 2 and not (centre.shape[0] % 2 or centre.shape[1] % 2):
+  try:
     top, left, height, width = crops.crop_boxes(centre.shape, "five")[-1]
     centre[top:top + height, left:left + width] = 1.0
+  except ValueError:  # a grid the fixed crops cannot halve: no centre statistics
+    pass
   for name, rows in (("normal", normal), ("abnormal", ~normal)):
     if rows.any():
       out[f"{split}/mean_heat_{name}"] = float(raw[rows].mean())
