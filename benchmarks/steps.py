@@ -29,7 +29,7 @@ from benchmarks import flops as flops_lib
 from benchmarks import guards
 from benchmarks import harness
 from medrep_jax.methods import load_method
-from medrep_jax.train import mesh as mesh_lib
+from medrep_jax.core import mesh as mesh_lib
 from medrep_jax.train import trainer as trainer_lib
 
 # (method, state, global batch) -> (differentiated forward FLOPs, no-grad forward FLOPs).

@@ -2,17 +2,28 @@
 
 A config file defines `get_config(arg: str = "")`. The argument holds comma-separated
 `key=value` variant args (e.g. `size=tiny,data=phantoms`); `parse_variant` turns them into
-a dict, rejecting unknown keys with close-match suggestions. `base_config` returns the
-fields every run has; a config file fills in the method's own fields and locks the result,
-so `--config.a.b=value` overrides of unknown keys fail with a "Did you mean" message.
+a dict, rejecting unknown keys and values outside their allowed choices with close-match
+suggestions. `base_config` returns the fields every run has; a config file fills in the
+method's own fields and locks the result, so `--config.a.b=value` overrides of unknown keys
+fail with a "Did you mean" message. A pipeline config file composes its sibling files
+(`config_module("finetune").finetune_config(...)`) into one `pipeline(stages)` config.
 """
 from __future__ import annotations
 
 import ast
 import difflib
-from typing import Any, Mapping
+import functools
+import importlib.util
+import os
+import pathlib
+import sys
+from types import ModuleType
+from typing import Any, Collection, Mapping
 
 import ml_collections as mlc
+
+# The `configs/` folder of a source checkout, beside this package.
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
 class ConfigError(ValueError):
@@ -26,18 +37,29 @@ def parse_value(text: str) -> Any:
     return text
 
 
-def parse_variant(arg: str | None, defaults: Mapping[str, Any]) -> dict[str, Any]:
+def _did_you_mean(word: str, options: Collection[Any]) -> str:
+  close = difflib.get_close_matches(word, [str(o) for o in options], n=3)
+  return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
+def parse_variant(arg: str | None, defaults: Mapping[str, Any],
+                  choices: Mapping[str, Collection[Any]] | None = None) -> dict[str, Any]:
   """Parses `"k1=v1,k2=v2"` into a dict on top of `defaults`.
 
   Values are Python literals when they parse as such (`3`, `0.5`, `True`), else strings.
 
+  Args:
+    arg: the variant args, the text after ':' in `--config FILE:arg`.
+    defaults: every known arg and its default value.
+    choices: arg name -> allowed values (e.g. `data=registry.PRESETS`). An arg whose
+      default is a bool allows True and False.
+
   Raises:
-    ConfigError: for a malformed pair or a key not in `defaults` (with suggestions).
+    ConfigError: for a malformed pair, a key not in `defaults` or a value not in its
+      choices (naming the allowed ones, with suggestions).
   """
   out = dict(defaults)
-  if not arg:
-    return out
-  for pair in arg.split(","):
+  for pair in (arg or "").split(","):
     pair = pair.strip()
     if not pair:
       continue
@@ -46,12 +68,56 @@ def parse_variant(arg: str | None, defaults: Mapping[str, Any]) -> dict[str, Any
           f"variant argument {pair!r} is not key=value; expected e.g. 'size=tiny,data=phantoms'")
     key, value = (s.strip() for s in pair.split("=", 1))
     if key not in defaults:
-      close = difflib.get_close_matches(key, list(defaults), n=3)
-      hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-      raise ConfigError(
-          f"unknown variant argument {key!r}.{hint} Known: {', '.join(sorted(defaults))}")
+      raise ConfigError(f"unknown variant argument {key!r}.{_did_you_mean(key, defaults)} "
+                        f"Known: {', '.join(sorted(defaults))}")
     out[key] = parse_value(value)
+    allowed = (choices or {}).get(key)
+    if allowed is None and isinstance(defaults[key], bool):
+      allowed = (True, False)
+    if allowed is not None and out[key] not in tuple(allowed):
+      raise ConfigError(
+          f"variant argument {key}={out[key]!r} is not allowed."
+          f"{_did_you_mean(str(out[key]), allowed)} Allowed {key} values: "
+          f"{', '.join(repr(a) for a in allowed)}")
   return out
+
+
+def config_module(name: str, directory: str | os.PathLike[str] | None = None) -> ModuleType:
+  """Imports the config file `<directory>/<name>.py` once (later calls get the same module).
+
+  `configs/` is not a package: a pipeline config file composes its siblings with
+  `config_module("finetune").finetune_config(...)`; code outside `configs/` passes the
+  folder, e.g. `config_module("dcl_cstp", config_lib.CONFIG_DIR)`.
+
+  Args:
+    name: the file's name without `.py`.
+    directory: the folder; default: that of the calling file.
+
+  Raises:
+    ConfigError: when the file does not exist.
+  """
+  if directory is None:
+    caller = sys._getframe(1).f_globals.get("__file__")  # pylint: disable=protected-access
+    if caller is None:
+      raise ConfigError(f"config_module({name!r}): pass the config directory")
+    directory = os.path.dirname(caller)
+  return _load_file(os.path.realpath(os.path.join(directory, f"{name}.py")))
+
+
+@functools.cache
+def _load_file(path: str) -> ModuleType:
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path} not found")
+  spec = importlib.util.spec_from_file_location(
+      f"medrep_config_{pathlib.Path(path).stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def pipeline(stages: Mapping[str, mlc.ConfigDict]) -> mlc.ConfigDict:
+  """A pipeline config: `stages` (the run order) and each stage's config under its name."""
+  return mlc.ConfigDict({"stages": tuple(stages), **stages})
 
 
 def base_config(method: str) -> mlc.ConfigDict:
@@ -96,7 +162,7 @@ def base_config(method: str) -> mlc.ConfigDict:
   c.optim.step_factor = 0.1
   c.optim.grad_clip = 0.0  # global-norm clip; 0 disables
   # Gradient accumulation: average k micro-steps of train.batch_size per update (effective
-  # batch k * batch_size); see medrep_jax/train/optim.py for what else runs per micro-step.
+  # batch k * batch_size); see medrep_jax/core/optim.py for what else runs per micro-step.
   c.optim.accumulate_steps = 1
   return c
 

@@ -34,7 +34,7 @@ def main(argv) -> None:
   for name in ("absl", "jax._src.xla_bridge"):  # keep the console for the run's own output
     logging.getLogger(name).setLevel(logging.WARNING)
 
-  from medrep_jax.train import mesh as mesh_lib
+  from medrep_jax.core import mesh as mesh_lib
   mesh_lib.maybe_initialize_distributed(_DISTRIBUTED.value or config.get("distributed", False))
 
   import jax

@@ -42,14 +42,15 @@ def data_dir() -> pathlib.Path:
   return d
 
 
+def config_module(name: str):
+  """configs/<name>.py as a module, for its builders (e.g. `.finetune_config(...)`)."""
+  from medrep_jax import config_lib
+  return config_lib.config_module(name, REPO_ROOT / "configs")
+
+
 def load_config(name: str, arg: str = "size=tiny,data=phantoms"):
-  """Imports configs/<name>.py and returns get_config(arg)."""
-  import importlib.util
-  path = REPO_ROOT / "configs" / f"{name}.py"
-  spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
+  """The locked config of configs/<name>.py:<arg>, as `--config` loads it."""
+  return config_module(name).get_config(arg)
 
 
 @pytest.fixture(scope="session")

@@ -294,9 +294,9 @@ def test_torch_dual_stream_step_computes_the_jax_step(torch):
   from benchmarks.torch_ref import dual_stream
   from medrep_jax.data import augment
   from medrep_jax.methods import load_method
-  from medrep_jax.presets.dcl_cstp import dcl_cstp_config
-  from medrep_jax.train import mesh as mesh_lib
-  c = dcl_cstp_config(size="tiny", data="phantoms")
+  from conftest import config_module
+  from medrep_jax.core import mesh as mesh_lib
+  c = config_module("dcl_cstp").dcl_cstp_config(size="tiny", data="phantoms")
   method = load_method(c)
   method.mesh = mesh_lib.make_mesh(c.mesh, jax.devices()[:1])
   batch = {"image": jnp.asarray(np.random.default_rng(0).random((8, 32, 32, 1), np.float32)),

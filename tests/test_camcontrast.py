@@ -87,7 +87,8 @@ def test_attention_loss_multilabel_and_errors():
 
 def test_classifier_loss_is_eq2_on_minmax_cams(tmp_path):
   """The stage-1 loss terms are CE and eq. 4 on the min-max normalized eq. 1 CAMs."""
-  from medrep_jax.presets.camcontrast import stage_config
+  from conftest import config_module
+  stage_config = config_module("camcontrast").stage_config
   from medrep_jax.methods.camcontrast_parts.classifier_stage import ClassifierStage
   stage = ClassifierStage(stage_config("classifier", data="phantoms", size="tiny"))
   stage.make_source("train")

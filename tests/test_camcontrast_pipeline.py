@@ -8,11 +8,13 @@ import pytest
 from medrep_jax.data import loader
 from medrep_jax.methods import load_method
 from medrep_jax.methods.camcontrast_parts import heatmap_stage
-from medrep_jax.presets.camcontrast import VARIANTS, stage_config
-from medrep_jax.train import mesh as mesh_lib
+from medrep_jax.core import mesh as mesh_lib
 from medrep_jax.train import trainer
 
-from conftest import load_config
+from conftest import config_module, load_config
+
+VARIANTS = config_module("camcontrast").VARIANTS
+stage_config = config_module("camcontrast").stage_config
 
 
 @pytest.mark.xdist_group("pipeline_camcontrast")  # shares the cached run with test_cli
@@ -61,7 +63,7 @@ def test_variants_wire_their_objective(variant, fake_crops, tmp_path):
   source = t.method.make_source("train")
   if hasattr(source, "arrays"):  # the crop dataset: coarse labels of the source images
     np.testing.assert_array_equal(source.arrays["label"][::5], np.arange(8) % 3 != 0)
-  ds = loader.train_dataset(source, t.method.transforms(True), global_batch=8, seed=0)
+  ds = loader.train_dataset(source, t.method.transforms("train"), global_batch=8, seed=0)
   with jax.set_mesh(t.mesh):
     batch = mesh_lib.to_global(ds[0], t.mesh)
     state = jax.eval_shape(t.method.init_state, jax.random.key(0), batch)
@@ -79,7 +81,7 @@ def test_variants_wire_their_objective(variant, fake_crops, tmp_path):
 
 def test_bad_input_raises_clear_errors(tmp_path):
   with pytest.raises(ValueError, match="classifier_from is empty"):
-    load_method(stage_config("heatmaps", data="phantoms", size="tiny")).run(tmp_path)
+    load_method(stage_config("heatmaps", data="phantoms", size="tiny"), tmp_path).run()
   c = stage_config("pretrain", data="phantoms", size="tiny")
   c.crops_from = str(tmp_path)
   with pytest.raises(ValueError, match="no crop dataset"):
@@ -92,7 +94,7 @@ def test_bad_input_raises_clear_errors(tmp_path):
   with pytest.raises(ValueError, match="stage="):
     load_method(stage_config("heatmap", size="tiny"))
   with pytest.raises(ValueError, match="encoder_from is empty"):
-    load_method(stage_config("linear_eval", data="phantoms", size="tiny")).run(tmp_path)
+    load_method(stage_config("linear_eval", data="phantoms", size="tiny"), tmp_path).run()
 
 
 def test_ablation_switches_and_protocols_are_configs():
@@ -124,7 +126,7 @@ def test_stage2_loss_pairs_each_augmented_crop_with_its_heatmap(fake_crops, tmp_
   config.crops_from = str(fake_crops)
   method = trainer.Trainer(config, tmp_path, devices=jax.devices()[:1]).method
   source = method.make_source("train")
-  batch = loader.collect(source, method.transforms(True), limit=8, batch_size=8)
+  batch = loader.collect(source, method.transforms("train"), limit=8, batch_size=8)
   batch = {k: jax.numpy.asarray(v) for k, v in batch.items()}
   state = method.init_state(jax.random.key(0), batch)
 
@@ -133,7 +135,7 @@ def test_stage2_loss_pairs_each_augmented_crop_with_its_heatmap(fake_crops, tmp_
     loss, _ = method.loss(state.params, state.model_state, batch, batch["image"],
                           batch["heatmap"], rng)
     v = augment.augment_batch("standard", rng, batch["image"], indices=batch["index"])
-    (z1, z2), _ = method.net.apply(state.variables(), v, batch["heatmap"], True,
+    (z1, z2), _ = method.model.apply(state.variables(), v, batch["heatmap"], True,
                                    method=PretrainNet.pair, mutable=["batch_stats"])
     return loss, z1, z2
 

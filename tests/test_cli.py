@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from medrep_jax import config_lib, methods
-from medrep_jax.train import checkpoint as ckpt_lib
+from medrep_jax.core import checkpoint as ckpt_lib
 from medrep_jax.train import pipeline, trainer
 
 from conftest import REPO_ROOT, load_config

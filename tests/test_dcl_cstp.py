@@ -4,10 +4,14 @@ import numpy as np
 import pytest
 
 from medrep_jax.data import loader
-from medrep_jax.presets.dcl_cstp import VARIANTS, dcl_cstp_config
-from medrep_jax.train import memory_bank
-from medrep_jax.train import mesh as mesh_lib
+from medrep_jax.core import memory_bank
+from medrep_jax.core import mesh as mesh_lib
 from medrep_jax.train import trainer
+
+from conftest import config_module
+
+VARIANTS = config_module("dcl_cstp").VARIANTS
+dcl_cstp_config = config_module("dcl_cstp").dcl_cstp_config
 
 
 def tiny(variant="dcl_cstp"):
@@ -19,7 +23,7 @@ def tiny(variant="dcl_cstp"):
 
 def build(config, devices, tmp_path):
   t = trainer.Trainer(config, tmp_path, devices=devices)
-  ds = loader.train_dataset(t.method.make_source("train"), t.method.transforms(True),
+  ds = loader.train_dataset(t.method.make_source("train"), t.method.transforms("train"),
                             global_batch=config.train.batch_size, seed=0)
   return t, ds
 

@@ -25,8 +25,8 @@ from benchmarks import guards, steps  # noqa: E402
 from benchmarks.workloads import ldm, segmentation, ssl  # noqa: E402
 from benchmarks.workloads.common import Options  # noqa: E402
 from medrep_jax.methods import load_method  # noqa: E402
-from medrep_jax.presets.dcl_cstp import dcl_cstp_config  # noqa: E402
 from medrep_jax.train import trainer as trainer_lib  # noqa: E402
+from conftest import config_module  # noqa: E402
 
 def _ssl(dtype="float32"):
   opts = Options(suite="quick", dtype=dtype)
@@ -82,7 +82,7 @@ class _GuardedTrainer(trainer_lib.Trainer):
 
 
 def test_training_loop_traces_the_step_once_without_host_transfers(tmp_path):
-  c = dcl_cstp_config(size="tiny", data="phantoms")
+  c = config_module("dcl_cstp").dcl_cstp_config(size="tiny", data="phantoms")
   c.data.num_examples = 32
   c.train.update(num_steps=4, log_every=2, checkpoint_every=0, progress=False)
   method = load_method(c)

@@ -13,14 +13,14 @@ def source():
   return Phantoms("train", num_examples=40, image_size=16)
 
 
-def tfs(train):
-  return build_transforms(data_config("phantoms", image_size=16, flip=True), train=train)
+def tfs():
+  return build_transforms(data_config("phantoms", image_size=16))
 
 
 def test_processes_together_see_the_single_process_batch(source):
-  one = loader.train_dataset(source, tfs(True), global_batch=8, seed=3, process_index=0,
+  one = loader.train_dataset(source, tfs(), global_batch=8, seed=3, process_index=0,
                              process_count=1)
-  parts = [loader.train_dataset(source, tfs(True), global_batch=8, seed=3,
+  parts = [loader.train_dataset(source, tfs(), global_batch=8, seed=3,
                                 process_index=p, process_count=4) for p in range(4)]
   for step in (0, 4, 9):  # 9 crosses into the second and third epoch
     whole = one[step]
@@ -30,19 +30,19 @@ def test_processes_together_see_the_single_process_batch(source):
 
 
 def test_epochs_are_permutations_and_reshuffled(source):
-  ds = loader.train_dataset(source, tfs(False), global_batch=8, seed=0, process_index=0,
+  ds = loader.train_dataset(source, tfs(), global_batch=8, seed=0, process_index=0,
                             process_count=1)
   epoch0 = np.concatenate([ds[i]["index"] for i in range(5)])
   epoch1 = np.concatenate([ds[i]["index"] for i in range(5, 10)])
   assert sorted(epoch0) == list(range(40)) == sorted(epoch1)
   assert not np.array_equal(epoch0, epoch1)
-  other = loader.train_dataset(source, tfs(False), global_batch=8, seed=1, process_index=0,
+  other = loader.train_dataset(source, tfs(), global_batch=8, seed=1, process_index=0,
                                process_count=1)
   assert not np.array_equal(ds[0]["index"], other[0]["index"])
 
 
 def test_iterator_state_resumes_at_the_next_batch(source):
-  ds = loader.train_dataset(source, tfs(True), global_batch=8, seed=0, process_index=0,
+  ds = loader.train_dataset(source, tfs(), global_batch=8, seed=0, process_index=0,
                             process_count=1)
   it = loader.iterate(ds, num_threads=2)
   seen = [next(it) for _ in range(3)]
@@ -57,24 +57,24 @@ def test_iterator_state_resumes_at_the_next_batch(source):
 
 def test_batch_larger_than_split_is_an_error(source):
   with pytest.raises(ValueError, match="fewer than the global batch"):
-    loader.train_dataset(source, tfs(True), global_batch=64, seed=0)
+    loader.train_dataset(source, tfs(), global_batch=64, seed=0)
 
 
 def test_eval_batches_cover_the_split_once_with_padding(source):
-  batches = list(loader.eval_batches(source, tfs(False), global_batch=16, process_index=0,
+  batches = list(loader.eval_batches(source, tfs(), global_batch=16, process_index=0,
                                      process_count=1))
   assert len(batches) == 3  # 40 examples -> 16 + 16 + 8 (+8 padding)
   valid = np.concatenate([b["_valid"] for b in batches])
   idx = np.concatenate([b["index"] for b in batches])[valid > 0]
   assert valid.sum() == 40 and sorted(idx) == list(range(40))
-  capped = list(loader.eval_batches(source, tfs(False), global_batch=16, max_examples=20,
+  capped = list(loader.eval_batches(source, tfs(), global_batch=16, max_examples=20,
                                     process_index=0, process_count=1))
   assert sum(b["_valid"].sum() for b in capped) == 20
   # The cap is a fixed spread-out subset, not the first rows (which may be one class).
   cidx = np.concatenate([b["index"] for b in capped])[np.concatenate(
       [b["_valid"] for b in capped]) > 0]
   assert len(set(cidx)) == 20 and max(cidx) >= 20
-  again = list(loader.eval_batches(source, tfs(False), global_batch=16, max_examples=20,
+  again = list(loader.eval_batches(source, tfs(), global_batch=16, max_examples=20,
                                    process_index=0, process_count=1))
   np.testing.assert_array_equal(cidx, np.concatenate([b["index"] for b in again])[
       np.concatenate([b["_valid"] for b in again]) > 0])

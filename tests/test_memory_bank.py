@@ -1,4 +1,4 @@
-"""Tests for medrep_jax.train.memory_bank: ring order, sharded enqueue, checks."""
+"""Tests for medrep_jax.core.memory_bank: ring order, sharded enqueue, checks."""
 import functools
 
 import jax
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from medrep_jax.train import memory_bank as mb
+from medrep_jax.core import memory_bank as mb
 
 K, D = 32, 3
 

@@ -6,16 +6,19 @@ import pytest
 
 from medrep_jax.data import loader
 from medrep_jax.models import diffusion_unet, resnet
-from medrep_jax.presets.dcl_cstp import dcl_cstp_config
-from medrep_jax.presets.finetune import finetune_config
-from medrep_jax.train import mesh as mesh_lib
+from medrep_jax.core import mesh as mesh_lib
 from medrep_jax.train import trainer
+
+from conftest import config_module
+
+dcl_cstp_config = config_module("dcl_cstp").dcl_cstp_config
+finetune_config = config_module("finetune").finetune_config
 
 
 def _train(config, tmp_path, steps: int):
   """`steps` real train steps of the trainer's compiled step on one fixed batch."""
   t = trainer.Trainer(config, tmp_path, devices=jax.devices()[:1])
-  ds = loader.train_dataset(t.method.make_source("train"), t.method.transforms(True),
+  ds = loader.train_dataset(t.method.make_source("train"), t.method.transforms("train"),
                             global_batch=config.train.batch_size, seed=0)
   with jax.set_mesh(t.mesh):
     batch = mesh_lib.to_global(ds[0], t.mesh)

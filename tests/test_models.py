@@ -164,12 +164,14 @@ def test_batchnorm_under_sharded_jit_uses_global_batch_stats(tiny_vars):
 
 
 @pytest.mark.parametrize("model,size", [
-    (unet.ResNetUNet(num_classes=2, encoder="resnet_tiny"), 96),
-    (unet.ResNetUNet(num_classes=1, encoder="resnet18", small_input=True,
-                     upsample="transpose"), 32),
-    (unet.ResNetUNet(num_classes=3, encoder="resnet50"), 96),
-    (unet.UNet(num_classes=3, widths=(8, 16, 32)), 32),
-    (unet.UNet(num_classes=1, widths=(8, 16, 32, 64)), 30),
+    (unet.UNet(num_classes=2, encoder="resnet_tiny"), 96),
+    (unet.UNet(num_classes=1, encoder=resnet.resnet18(small_input=True),
+               upsample="transpose"), 32),
+    (unet.UNet(num_classes=3, encoder="resnet50"), 96),
+    (unet.UNet(num_classes=3, encoder=unet.UNetEncoder((8, 16, 32)), decoder_widths=(16, 8),
+               upsample="transpose"), 32),
+    (unet.UNet(num_classes=1, encoder=unet.UNetEncoder((8, 16, 32, 64)),
+               decoder_widths=(32, 16, 8), upsample="transpose"), 30),
 ])
 def test_segmentation_output_shape_and_encoder_name(model, size):
   shape = (2, size, size, 3)
@@ -182,26 +184,27 @@ def test_segmentation_output_shape_and_encoder_name(model, size):
 
 
 def test_resnet_unet_encoder_subtree_matches_resnet_params():
-  seg = _abstract_init(unet.ResNetUNet(num_classes=1, encoder="resnet18"), (1, 96, 96, 3))
+  seg = _abstract_init(unet.UNet(num_classes=1, encoder="resnet18"), (1, 96, 96, 3))
   enc = _abstract_init(resnet.resnet18(), (1, 96, 96, 3))
   for col in ("params", "batch_stats"):
     chex.assert_trees_all_equal_shapes_and_dtypes(seg[col]["encoder"], enc[col])
 
 
 def test_decoder_widths_are_used_and_checked():
-  model = unet.ResNetUNet(num_classes=2, encoder="resnet_tiny", small_input=True,
-                          decoder_widths=(32, 16, 8, 4, 99))
+  model = unet.UNet(num_classes=2, encoder=resnet.get_resnet("resnet_tiny", small_input=True),
+                    decoder_widths=(32, 16, 8, 4, 99))
   params = _abstract_init(model, (1, 32, 32, 3))["params"]["decoder"]
   assert [params[f"block{i}"]["conv2"]["kernel"].shape[-1] for i in range(4)] == [32, 16, 8, 4]
   assert "block4" not in params  # small-input c1 is full resolution: 4 steps.
   assert params["logits"]["kernel"].shape == (1, 1, 4, 2)
   with pytest.raises(ValueError, match="widths"):
-    _abstract_init(unet.ResNetUNet(num_classes=2, encoder="resnet_tiny",
-                                   decoder_widths=(8, 8)), (1, 96, 96, 1))
+    _abstract_init(unet.UNet(num_classes=2, encoder="resnet_tiny",
+                             decoder_widths=(8, 8)), (1, 96, 96, 1))
 
 
 def test_classifier_names_features_and_cam(tiny_vars):
-  model = unet.make_classifier("resnet_tiny", num_classes=3, small_input=True)
+  model = unet.Classifier(num_classes=3,
+                          encoder=unet.get_encoder("resnet_tiny", small_input=True))
   abstract = _abstract_init(model, (1, 32, 32, 3))
   assert set(abstract["params"]) == {"encoder", "head"}
   rng = np.random.default_rng(0)
@@ -235,7 +238,8 @@ def test_unet_encoder_features():
 
 
 def test_tiny_unet_overfits_tiny_batch():
-  model = unet.UNet(num_classes=1, widths=(8, 16))
+  model = unet.UNet(num_classes=1, encoder=unet.UNetEncoder((8, 16)), decoder_widths=(8,),
+                    upsample="transpose")
   x = _normal(5, (4, 32, 32, 1))
   yy, xx = np.mgrid[:32, :32]
   centers = [(8, 8), (20, 12), (12, 22), (24, 24)]

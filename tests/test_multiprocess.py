@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from medrep_jax.train import checkpoint as ckpt_lib
+from medrep_jax.core import checkpoint as ckpt_lib
 from medrep_jax.train.logging import read_metrics
 
 from conftest import REPO_ROOT

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from medrep_jax import config_lib
-from medrep_jax.train import optim
-from medrep_jax.train.state import TrainState
+from medrep_jax.core import optim
+from medrep_jax.core.state import TrainState
 
 
 def _loss(params, x, y):

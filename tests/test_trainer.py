@@ -6,10 +6,13 @@ import numpy as np
 import pytest
 
 from medrep_jax.data import loader
-from medrep_jax.presets.finetune import finetune_config
-from medrep_jax.train import checkpoint as ckpt_lib
-from medrep_jax.train import mesh as mesh_lib
+from medrep_jax.core import checkpoint as ckpt_lib
+from medrep_jax.core import mesh as mesh_lib
 from medrep_jax.train import pipeline, trainer
+
+from conftest import config_module
+
+finetune_config = config_module("finetune").finetune_config
 
 
 def tiny(task="classification", **train):
@@ -23,7 +26,7 @@ def tiny(task="classification", **train):
 def one_step(config, devices, tmp_path):
   """Builds the state and runs one train step on a mesh over `devices`."""
   t = trainer.Trainer(config, tmp_path, devices=devices)
-  ds = loader.train_dataset(t.method.make_source("train"), t.method.transforms(True),
+  ds = loader.train_dataset(t.method.make_source("train"), t.method.transforms("train"),
                             global_batch=config.train.batch_size, seed=0)
   with jax.set_mesh(t.mesh):
     batch = mesh_lib.to_global(ds[0], t.mesh)
@@ -63,7 +66,7 @@ def test_checkpoint_round_trip_and_iterator_state(tmp_path):
   config = tiny(num_steps=3, checkpoint_every=3)
   trainer.train_and_evaluate(config, tmp_path / "a")
   t = trainer.Trainer(config, tmp_path / "a")
-  ds = loader.train_dataset(t.method.make_source("train"), t.method.transforms(True),
+  ds = loader.train_dataset(t.method.make_source("train"), t.method.transforms("train"),
                             global_batch=8, seed=0)
   with jax.set_mesh(t.mesh):
     fresh = t.build_state(mesh_lib.to_global(ds[0], t.mesh))
@@ -112,7 +115,7 @@ def test_pipeline_init_from_and_skip(tmp_path, capsys):
   # The warm start copies the classifier's final encoder exactly, and leaves the decoder.
   resolved = pipeline.resolve_stage_refs(seg, tmp_path, ["classify"])
   t = trainer.Trainer(resolved, tmp_path / "probe")
-  ds = loader.train_dataset(t.method.make_source("train"), t.method.transforms(True),
+  ds = loader.train_dataset(t.method.make_source("train"), t.method.transforms("train"),
                             global_batch=8, seed=0)
   with jax.set_mesh(t.mesh):
     state = t.build_state(mesh_lib.to_global(ds[0], t.mesh))

@@ -20,10 +20,9 @@ import numpy as np
 
 from benchmarks import flops, harness, steps, torch_ab
 from benchmarks.workloads.common import Options, measure_config, row
-from medrep_jax import diffusion
+from medrep_jax import config_lib, diffusion
 from medrep_jax.methods.ldm_parts import common as ldm_common
 from medrep_jax.models.diffusion_unet import diffusion_unet_config
-from medrep_jax.presets.ldm import ldm_stage_config
 
 # size: DiffusionUNet preset; latent: latent height = width; channels: latent channels.
 UNET = {
@@ -42,7 +41,8 @@ DDIM_STEPS = 50
 
 def stage_config(stage: str, opts: Options, model_size: str, batch: int) -> Any:
   base = "tiny" if opts.suite == "quick" else "paper"
-  c = ldm_stage_config(stage, data="phantoms", size=base)
+  ldm_config = config_lib.config_module("ldm", config_lib.CONFIG_DIR)
+  c = ldm_config.stage_config(stage, data="phantoms", size=base)
   c.model.size = model_size
   c.train.update(batch_size=int(batch), eval_batch_size=int(batch), num_steps=1000,
                  progress=False)
@@ -62,7 +62,7 @@ def latent_stage(channels: int):
 def unet_analytic(method: Any, state: Any, batch: Mapping[str, jax.Array]) -> tuple[float, float]:
   z = batch["mean"]
   t = jax.ShapeDtypeStruct((z.shape[0],), jnp.int32)
-  fwd = flops.count_flops(lambda p, x, t: method.unet.apply({"params": p}, x, t),
+  fwd = flops.count_flops(lambda p, x, t: method.model.apply({"params": p}, x, t),
                           flops.abstract(state.params), jax.ShapeDtypeStruct(z.shape, z.dtype), t)
   return fwd, 0.0
 

@@ -14,8 +14,8 @@ import numpy as np
 
 from benchmarks import flops
 from benchmarks.workloads.common import Options, measure_config, row
+from medrep_jax import config_lib
 from medrep_jax.data.sources import SourceInfo
-from medrep_jax.presets.finetune import finetune_config
 
 SEG = {
     "quick": dict(encoder="resnet_tiny", tiny=True, image=32, batch=8),
@@ -26,16 +26,15 @@ SEG = {
 
 def binary_masks(method: Any) -> None:
   """Tells the method its (absent) data has binary masks."""
-  # pylint: disable-next=protected-access
-  method._info = SourceInfo(name="synthetic", num_classes=0, class_names=(), channels=3,
+  method.info = SourceInfo(name="synthetic", num_classes=0, class_names=(), channels=3,
                             has_mask=True, num_mask_classes=2)
 
 
 def seg_analytic(method: Any, state: Any, batch: Mapping[str, jax.Array]) -> tuple[float, float]:
-  del method
   x = batch["image"]
   variables = flops.abstract({"params": state.params, **state.model_state})
-  fwd = flops.count_flops(lambda v, x: state.apply_fn(v, x, train=True, mutable=["batch_stats"]),
+  apply = method.model.apply
+  fwd = flops.count_flops(lambda v, x: apply(v, x, train=True, mutable=["batch_stats"]),
                           variables, jax.ShapeDtypeStruct(x.shape, x.dtype))
   return fwd, 0.0
 
@@ -43,8 +42,9 @@ def seg_analytic(method: Any, state: Any, batch: Mapping[str, jax.Array]) -> tup
 def seg_setup(opts: Options) -> tuple[Any, dict[str, np.ndarray]]:
   """(config, loader-shaped batch of images and binary masks) at the suite's size."""
   s = opts.size(SEG)
-  c = finetune_config(task="segmentation", data="phantoms", size="tiny" if s["tiny"] else "paper",
-                      encoder=s["encoder"])
+  finetune = config_lib.config_module("finetune", config_lib.CONFIG_DIR)
+  c = finetune.finetune_config(task="segmentation", data="phantoms",
+                               size="tiny" if s["tiny"] else "paper", encoder=s["encoder"])
   c.model.small_input = s["tiny"]
   c.data.image_size, c.data.channels = s["image"], 3
   c.train.update(batch_size=s["batch"], eval_batch_size=s["batch"], num_steps=1000,

@@ -28,13 +28,13 @@ import numpy as np
 
 from benchmarks import flops, guards, harness, steps, torch_ab
 from benchmarks.workloads.common import Options, measure_config, row
+from medrep_jax import config_lib
 from medrep_jax.data import augment
 from medrep_jax.methods.dcl_cstp import ContrastiveNet
-from medrep_jax.presets.dcl_cstp import dcl_cstp_config
-from medrep_jax.train import memory_bank
-from medrep_jax.train import mesh as mesh_lib
+from medrep_jax.core import memory_bank
+from medrep_jax.core import mesh as mesh_lib
 
-# tiny: the preset's tiny heads and the 3x3-stem encoder (small_input).
+# tiny: configs/dcl_cstp.py's size=tiny heads and the 3x3-stem encoder (small_input).
 MAIN = {
     "quick": dict(encoder="resnet_tiny", tiny=True, image_size=32, batch=8, bank=64),
     "cpu": dict(encoder="resnet50", tiny=False, image_size=96, batch=16, bank=4096),
@@ -58,8 +58,10 @@ FLAT_TOLERANCE = {"cpu": 0.10}  # Other platforms: 0.05.
 
 def ssl_config(variant: str, opts: Options, *, encoder: str, tiny: bool, image_size: int,
                batch: int, bank: int) -> Any:
-  """A ``dcl_cstp`` preset config at benchmark size (RGB images, as ImageNet ResNets)."""
-  c = dcl_cstp_config(variant=variant, data="phantoms", size="tiny" if tiny else "paper")
+  """A ``configs/dcl_cstp.py`` config at benchmark size (RGB images, as ImageNet ResNets)."""
+  dcl_cstp = config_lib.config_module("dcl_cstp", config_lib.CONFIG_DIR)
+  c = dcl_cstp.dcl_cstp_config(variant=variant, data="phantoms",
+                               size="tiny" if tiny else "paper")
   c.model.encoder, c.model.small_input = encoder, tiny
   c.data.image_size, c.data.channels = int(image_size), 3
   c.train.update(batch_size=int(batch), eval_batch_size=int(batch), num_steps=1000,
@@ -82,7 +84,7 @@ def ssl_analytic(method: Any, state: Any, batch: Mapping[str, jax.Array]) -> tup
   img = batch["image"]
   b, v = img.shape[0], method.num_views
   views = lambda n: jax.ShapeDtypeStruct((n,) + img.shape[1:], jnp.float32)
-  net = method.net
+  net = method.model
   online = flops.abstract({"params": state.params, **state.model_state})
   trained = flops.count_flops(
       lambda var, x: net.apply(var, x, True, v, method=ContrastiveNet.embed_and_predict,

@@ -1,4 +1,4 @@
-"""Pillow-based decoding shared by the readers and the TFDS loader."""
+"""Pillow-based decoding and resizing shared by the readers, transforms and TFDS."""
 from __future__ import annotations
 
 import io
@@ -137,6 +137,24 @@ def decode_mask(src: PathOrBytes, *, grey: bool) -> np.ndarray:
                       "class-id masks must fit in uint8")
     arr = arr.astype(np.uint8)
   return arr
+
+
+def resize_image(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+  """Bilinear (antialiased when shrinking) resize of (H, W, C) uint8 or float32."""
+  if image.shape[:2] == hw:
+    return image
+  size = (hw[1], hw[0])
+  if image.dtype == np.uint8 and image.shape[-1] in (1, 3):
+    mode = "L" if image.shape[-1] == 1 else "RGB"
+    out = np.asarray(Image.fromarray(image[..., 0] if mode == "L" else image, mode)
+                     .resize(size, Image.BILINEAR))
+    return out[..., None] if mode == "L" else out
+  chans = [np.asarray(Image.fromarray(image[..., c].astype(np.float32), "F")
+                      .resize(size, Image.BILINEAR)) for c in range(image.shape[-1])]
+  out = np.stack(chans, -1)
+  if image.dtype == np.uint8:
+    out = np.clip(np.round(out), 0, 255)
+  return out.astype(image.dtype)
 
 
 def resize_mask(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:

@@ -16,7 +16,10 @@ from typing import Any
 
 import ml_collections
 
-from medrep_jax.data.sources import DataError, Source
+from medrep_jax.data import readers, tfds_builders
+from medrep_jax.data.dicom import DicomFolder
+from medrep_jax.data.phantoms import Phantoms
+from medrep_jax.data.sources import DataError, Source, window_of
 
 # Every field any reader or `build_transforms` reads. 0 / "" / () / None mean
 # "infer" or "off" as noted.
@@ -51,10 +54,7 @@ DEFAULTS: dict[str, Any] = dict(
     tfds_name="",
     tfds_data_dir="",         # "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
     tfds_config="",
-    random_crop=False,        # build_transforms
-    flip=False,
-    normalize="unit",
-    crop_resize_ratio=1.125,
+    normalize="unit",         # build_transforms: "unit", "standardize" or "none"
 )
 
 _KINDS = ("phantoms", "image_folder", "image_mask_folder", "medmnist", "dicom", "tfds")
@@ -122,14 +122,6 @@ def _threshold(value: Any) -> int | None:
   return None if value is None or int(value) < 0 else int(value)
 
 
-def window_of(data_cfg: Any) -> tuple[float, float] | None:
-  """(level, width) of the HU window, or None when `window_width` is 0 (no window)."""
-  level, width = data_cfg.get("window_level", None), data_cfg.get("window_width", None)
-  if level is None or not width:
-    return None
-  return float(level), float(width)
-
-
 def _tfds_dir(get) -> str:
   return os.path.expanduser(get("tfds_data_dir") or os.environ.get(
       "TFDS_DATA_DIR", "~/tensorflow_datasets"))
@@ -137,8 +129,6 @@ def _tfds_dir(get) -> str:
 
 def get_source(data_cfg: Any, split: str) -> Source:
   """Builds the `Source` for `split` from a data ConfigDict (see `data_config`)."""
-  # pylint: disable=g-import-not-at-top
-  from medrep_jax.data import readers
   preset = _preset(data_cfg.name)
   defaults = {**DEFAULTS, **preset}
 
@@ -151,7 +141,6 @@ def get_source(data_cfg: Any, split: str) -> Source:
   channels = get("channels") or None
   class_names = tuple(get("class_names")) or None
   if kind == "phantoms":
-    from medrep_jax.data.phantoms import Phantoms
     return Phantoms(split, num_examples=int(get("num_examples")) or None, image_size=int(get("image_size")),
                     channels=channels or 1, num_classes=int(get("num_classes")) or 3,
                     seed=int(get("seed")))
@@ -174,12 +163,10 @@ def get_source(data_cfg: Any, split: str) -> Source:
                             num_classes=get("num_classes") or None, class_names=class_names,
                             channels=channels, name=data_cfg.name)
   if kind == "dicom":
-    from medrep_jax.data.dicom import DicomFolder
     window = window_of(data_cfg)
     return DicomFolder(_root(data_cfg, preset), split, window=window,
                        output=get("dicom_output"), frames=get("dicom_frames"),
                        skip_corrupt=bool(get("skip_corrupt")), name=data_cfg.name, **fractions)
-  from medrep_jax.data import tfds_builders
   name, config = get("tfds_name"), get("tfds_config") or None
   if not name:
     raise DataError(f"data {data_cfg.name!r} needs data.tfds_name")

@@ -112,6 +112,18 @@ class Source(abc.ABC):
     return f"{type(self).__name__}(name={self.info.name!r}, len={len(self)})"
 
 
+def window_of(data_cfg: Any) -> tuple[float, float] | None:
+  """(level, width) of the HU window in a data config, or None for no window.
+
+  Reads `window_level` and `window_width`; a missing level or a width of 0
+  means no window. Used by the DICOM reader and as the `Normalize` value range.
+  """
+  level, width = data_cfg.get("window_level", None), data_cfg.get("window_width", None)
+  if level is None or not width:
+    return None
+  return float(level), float(width)
+
+
 def check_split(split: str, allow_all: bool = True) -> None:
   """Raises DataError unless `split` is a known split name."""
   allowed = SPLITS + (("all",) if allow_all else ())

@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from medrep_jax.data import imageio
+from medrep_jax.data.readers import ImageMaskFolder
 from medrep_jax.data.sources import DataError, Record, Source, SourceInfo
 
 PathLike = str | os.PathLike
@@ -100,12 +101,11 @@ def _encoded(source: Source, info: SourceInfo,
 
 
 def _shrink(record: Record, max_side: int) -> Record:
-  from medrep_jax.data.transforms import resize_image  # pylint: disable=g-import-not-at-top
   h, w = record["image"].shape[:2]
   if max(h, w) <= max_side:
     return record
   hw = (max(1, round(h * max_side / max(h, w))), max(1, round(w * max_side / max(h, w))))
-  out = {**record, "image": resize_image(record["image"], hw)}
+  out = {**record, "image": imageio.resize_image(record["image"], hw)}
   if "mask" in record:
     out["mask"] = imageio.resize_mask(record["mask"], hw)
   return out
@@ -325,7 +325,6 @@ class MedrepCovid19Radiography(_ManualBuilder):
                            has_mask=True, num_mask_classes=2)
 
   def _readers(self, root):
-    from medrep_jax.data.readers import ImageMaskFolder  # pylint: disable=g-import-not-at-top
     return {s: ImageMaskFolder(root, s, classes=self.CLASSES, channels=1, resize_masks=True,
                                **self.fractions) for s in ("train", "val", "test")}
 
@@ -346,7 +345,6 @@ class MedrepIsic2018(_ManualBuilder):
                            has_mask=True, num_mask_classes=2)
 
   def _readers(self, root):
-    from medrep_jax.data.readers import ImageMaskFolder  # pylint: disable=g-import-not-at-top
     dirs = {s: (f"ISIC2018_Task1-2_{s}_Input", f"ISIC2018_Task1_{s}_GroundTruth")
             for s in ("Training", "Validation", "Test")}
     own = {"val": "Validation", "test": "Test"}
@@ -378,7 +376,6 @@ class MedrepKvasirSeg(_ManualBuilder):
                            has_mask=True, num_mask_classes=2)
 
   def _readers(self, root):
-    from medrep_jax.data.readers import ImageMaskFolder  # pylint: disable=g-import-not-at-top
     return {s: ImageMaskFolder(root, s, mask_threshold=127, channels=3, **self.fractions)
             for s in ("train", "val", "test")}
 

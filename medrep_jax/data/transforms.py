@@ -1,9 +1,11 @@
 """Host-side (numpy) record transforms as grain transforms.
 
 Geometric transforms apply to "image" and, with nearest-neighbour, to "mask".
-Use them with `grain.MapDataset.source(src).map(t)` / `.random_map(t, seed=s)`.
-`build_transforms(data_cfg, train)` gives the standard pipeline whose output
-batches: "image" float32 (S, S, C), "mask" uint8 (S, S), "label", "index".
+Use them with `grain.MapDataset.source(src).map(t)`. `build_transforms(data_cfg)`
+gives the standard (deterministic) pipeline whose output batches: "image"
+float32 (S, S, C), "mask" uint8 (S, S), "label", "index". Random augmentation
+is not done here: it runs on device inside the compiled train step
+(`medrep_jax.data.augment`).
 """
 from __future__ import annotations
 
@@ -12,10 +14,9 @@ from typing import Any, Sequence
 
 import grain
 import numpy as np
-from PIL import Image
 
-from medrep_jax.data.imageio import convert_channels, resize_mask
-from medrep_jax.data.sources import DataError, Record
+from medrep_jax.data.imageio import convert_channels, resize_image, resize_mask
+from medrep_jax.data.sources import DataError, Record, window_of
 
 
 def _hw(size: int | Sequence[int]) -> tuple[int, int]:
@@ -29,24 +30,6 @@ def _check_mask(record: Record, where: str) -> None:
   if "mask" in record and record["mask"].shape[:2] != record["image"].shape[:2]:
     raise DataError(f"{where}: element {record.get('index', '?')} has image shape "
                     f"{record['image'].shape} but mask shape {record['mask'].shape}")
-
-
-def resize_image(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-  """Bilinear (antialiased when shrinking) resize of (H, W, C) uint8 or float32."""
-  if image.shape[:2] == hw:
-    return image
-  size = (hw[1], hw[0])
-  if image.dtype == np.uint8 and image.shape[-1] in (1, 3):
-    mode = "L" if image.shape[-1] == 1 else "RGB"
-    out = np.asarray(Image.fromarray(image[..., 0] if mode == "L" else image, mode)
-                     .resize(size, Image.BILINEAR))
-    return out[..., None] if mode == "L" else out
-  chans = [np.asarray(Image.fromarray(image[..., c].astype(np.float32), "F")
-                      .resize(size, Image.BILINEAR)) for c in range(image.shape[-1])]
-  out = np.stack(chans, -1)
-  if image.dtype == np.uint8:
-    out = np.clip(np.round(out), 0, 255)
-  return out.astype(image.dtype)
 
 
 def _crop(record: Record, top: int, left: int, hw: tuple[int, int], name: str) -> Record:
@@ -85,41 +68,6 @@ class CenterCrop(grain.transforms.Map):
     hw = _hw(self.size)
     h, w = element["image"].shape[:2]
     return _crop(element, max(h - hw[0], 0) // 2, max(w - hw[1], 0) // 2, hw, "CenterCrop")
-
-
-@dataclasses.dataclass(frozen=True)
-class RandomCrop(grain.transforms.RandomMap):
-  """Crops a uniformly random `size` window of image and mask."""
-  size: int | tuple[int, int]
-
-  def random_map(self, element: Record, rng: np.random.Generator) -> Record:
-    hw = _hw(self.size)
-    h, w = element["image"].shape[:2]
-    top = int(rng.integers(0, max(h - hw[0], 0) + 1))
-    left = int(rng.integers(0, max(w - hw[1], 0) + 1))
-    return _crop(element, top, left, hw, "RandomCrop")
-
-
-@dataclasses.dataclass(frozen=True)
-class RandomFlip(grain.transforms.RandomMap):
-  """Flips image and mask together, each axis with probability `p`."""
-  horizontal: bool = True
-  vertical: bool = False
-  p: float = 0.5
-
-  def random_map(self, element: Record, rng: np.random.Generator) -> Record:
-    _check_mask(element, "RandomFlip")
-    draws = rng.uniform(size=2)
-    out = dict(element)
-    for axis, on, draw in ((1, self.horizontal, draws[0]), (0, self.vertical, draws[1])):
-      if on and draw < self.p:
-        out["image"] = np.flip(out["image"], axis)
-        if "mask" in out:
-          out["mask"] = np.flip(out["mask"], axis)
-    out["image"] = np.ascontiguousarray(out["image"])
-    if "mask" in out:
-      out["mask"] = np.ascontiguousarray(out["mask"])
-    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,28 +146,20 @@ class CheckShapes(grain.transforms.Map):
     return element
 
 
-def build_transforms(data_cfg: Any, train: bool) -> list[Any]:
-  """Standard host pipeline from a data ConfigDict.
+def build_transforms(data_cfg: Any) -> list[Any]:
+  """Standard host pipeline from a data ConfigDict: the same for train and eval.
 
-  Reads `image_size`, `channels`, `random_crop`, `flip`, `normalize` and
-  (optional) `crop_resize_ratio` (default 1.125), `window_level`/`window_width`
-  (HU window used as Normalize value_range for float images). Train with
-  `random_crop`: Resize(ratio * size) then RandomCrop(size); otherwise
-  Resize(size). Train with `flip`: horizontal RandomFlip.
+  Resize(image_size), ToChannels(channels) when `channels` is set,
+  Normalize(`normalize`) and CheckShapes. The optional HU window
+  `window_level`/`window_width` is Normalize's value_range for float images.
+  The pipeline is deterministic; augmentation runs on device
+  (`medrep_jax.data.augment`).
   """
   size = int(data_cfg.image_size)
   channels = data_cfg.get("channels", None)
-  out: list[Any] = []
-  if train and data_cfg.get("random_crop", False):
-    ratio = float(data_cfg.get("crop_resize_ratio", 1.125))
-    out += [Resize(int(round(size * ratio))), RandomCrop(size)]
-  else:
-    out.append(Resize(size))
-  if train and data_cfg.get("flip", False):
-    out.append(RandomFlip(horizontal=True))
+  out: list[Any] = [Resize(size)]
   if channels:
     out.append(ToChannels(int(channels)))
-  from medrep_jax.data.registry import window_of  # pylint: disable=g-import-not-at-top
   window = window_of(data_cfg)
   value_range = None if window is None else (window[0] - window[1] / 2,
                                              window[0] + window[1] / 2)

@@ -19,8 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medrep_jax.train import runs
-
 KINDS = ("vae", "encoder", "inception")
 
 
@@ -54,61 +52,54 @@ def _resize(x: jax.Array, size: int) -> jax.Array:
   return jax.image.resize(x, (x.shape[0], size, size, x.shape[3]), "bilinear")
 
 
-class VAEFeatures:
-  """Pooled posterior means of an LDM VAE run (`ldm` stage `vae`)."""
+class ModelFeatures:
+  """A trained model's features: a jitted `images -> (N, D)` in fixed-size batches."""
 
-  def __init__(self, run_dir: str | pathlib.Path, batch_size: int = 64):
-    from medrep_jax.methods.ldm_parts import common  # pylint: disable=g-import-not-at-top
-    loaded = common.load_vae(run_dir)
-    model, params = loaded.model, loaded.params
-    self.channels, self.size = loaded.channels, loaded.image_size
-    self.batch_size = batch_size
-    self.label = f"LDM VAE encoder ({pathlib.Path(run_dir).name}, trained by medrep_jax)"
-
-    def feats(x):
-      x = _resize(x, self.size) * 2.0 - 1.0
-      mean = model.apply({"params": params}, x, method=model.encode).mean
-      b, h, w, c = mean.shape
-      grid = jax.image.resize(mean, (b, 4, 4, c), "linear").reshape(b, -1)
-      return jnp.concatenate([grid, mean.mean((1, 2)), mean.std((1, 2))], -1)
-
-    self._fn = jax.jit(feats)
+  def __init__(self, fn: Callable[[jax.Array], jax.Array], *, channels: int, size: int,
+               label: str, batch_size: int = 64):
+    self.channels, self.size, self.label, self.batch_size = channels, size, label, batch_size
+    self._fn = jax.jit(lambda x: fn(_resize(x, size)))
 
   def __call__(self, images: np.ndarray) -> np.ndarray:
     return _batched(self._fn, _match_channels(np.asarray(images, np.float32),
                                               self.channels), self.batch_size)
 
 
-class EncoderFeatures:
-  """Pooled features of the `encoder` subtree of a medrep_jax run."""
+def vae_features(trained, batch_size: int = 64) -> ModelFeatures:
+  """Pooled posterior means of an LDM VAE run (`ldm` stage `vae`), from `load_trained`."""
+  model, variables, cfg = trained.model, trained.variables, trained.config
 
-  def __init__(self, run_dir: str | pathlib.Path, batch_size: int = 64):
-    from medrep_jax.models import unet  # pylint: disable=g-import-not-at-top
-    cfg, tree = runs.load_run(run_dir)
-    m = cfg.model
-    encoder = unet.encoder_from_config(m)
-    variables = {"params": tree["params"]["encoder"]}
-    stats = tree.get("model_state", {}).get("batch_stats", {})
-    if "encoder" in stats:
-      variables["batch_stats"] = stats["encoder"]
-    self.channels, self.size = int(cfg.data.channels), int(cfg.data.image_size)
-    self.batch_size = batch_size
-    self.label = f"{m.encoder} encoder of run {pathlib.Path(run_dir).name} (medrep_jax)"
-    self._fn = jax.jit(lambda x: encoder.apply(variables, _resize(x, self.size),
-                                               train=False)["pooled"])
+  def feats(x):
+    mean = model.apply(variables, x * 2.0 - 1.0, method=model.encode).mean
+    b, _, _, c = mean.shape
+    grid = jax.image.resize(mean, (b, 4, 4, c), "linear").reshape(b, -1)
+    return jnp.concatenate([grid, mean.mean((1, 2)), mean.std((1, 2))], -1)
 
-  def __call__(self, images: np.ndarray) -> np.ndarray:
-    return _batched(self._fn, _match_channels(np.asarray(images, np.float32),
-                                              self.channels), self.batch_size)
+  return ModelFeatures(feats, channels=int(cfg.data.channels), size=int(cfg.data.image_size),
+                       label=f"LDM VAE encoder ({trained.run.path.name}, trained by "
+                             f"medrep_jax)", batch_size=batch_size)
 
 
-def make_feature_net(kind: str, path: str | pathlib.Path, batch_size: int = 64):
-  """Builds a feature net of `kind` from a run directory or (inception) a weights file."""
-  if kind == "vae":
-    return VAEFeatures(path, batch_size)
-  if kind == "encoder":
-    return EncoderFeatures(path, batch_size)
+def encoder_features(trained, batch_size: int = 64) -> ModelFeatures:
+  """Globally pooled features of the `encoder` submodule of any run, from `load_trained`."""
+  encoder, variables, cfg = trained.model.encoder, trained.run.variables("encoder"), trained.config
+  return ModelFeatures(lambda x: encoder.apply(variables, x, train=False)["pooled"],
+                       channels=int(cfg.data.channels), size=int(cfg.data.image_size),
+                       label=f"{cfg.model.encoder} encoder of run {trained.run.path.name} "
+                             f"(medrep_jax)", batch_size=batch_size)
+
+
+def make_feature_net(kind: str, *, trained=None, weights_path: str | pathlib.Path = "",
+                     batch_size: int = 64):
+  """A feature net of `kind`: from a loaded run (vae, encoder) or a weights file (inception).
+
+  `medrep_jax.methods.feature_net(kind, path)` loads the run and calls this.
+  """
+  if kind in ("vae", "encoder"):
+    if trained is None:
+      raise ValueError(f"feature net {kind!r} needs a trained run (methods.load_trained)")
+    return (vae_features if kind == "vae" else encoder_features)(trained, batch_size)
   if kind == "inception":
     from medrep_jax.eval import inception_weights  # pylint: disable=g-import-not-at-top
-    return inception_weights.InceptionFeatures(path, batch_size=min(batch_size, 32))
+    return inception_weights.InceptionFeatures(weights_path, batch_size=min(batch_size, 32))
   raise ValueError(f"feature net kind {kind!r}; expected one of {KINDS}")

@@ -1,22 +1,54 @@
-"""The method protocol: the small surface every method exposes to the one trainer.
+"""The stage contract: the small surface every stage of every method shows the one trainer.
 
-A method module `medrep_jax/methods/<name>.py` defines `build(config) -> Method`. The trainer
-calls, in order: `make_source` / `transforms` (data), `init_state` (under jit, with the
-shardings from `state_shardings`), then `train_step` in the loop and `eval_step` +
-`evaluate` at eval time. A stage that does not train (sampling, heatmap extraction,
-filtering) subclasses `Task` instead: the trainer hands it the whole run via `run(workdir)`.
+A method module `medrep_jax/methods/<name>.py` declares its stages once, in `STAGES`
+(stage name -> class, or "module:Class" relative to `medrep_jax.methods`, imported lazily);
+`medrep_jax.methods.load_method(config)` resolves `config.method` + `config.stage`.
+
+Every stage gets `config`, `workdir` and `mesh` from the trainer and hands back a `Result`
+(metrics, figures, report lines); the trainer alone writes metrics.jsonl, report.md and
+done.json. A stage that trains subclasses `Method`: the trainer calls `make_source` /
+`transforms` (data), `init_state` (under jit, with the shardings of `state_shardings`),
+`train_step` in the loop and `eval_step` + `evaluate` (or `evaluate_state`) at eval time.
+A stage with no train loop (sampling, heatmaps, filtering, probes) subclasses `Task` and
+does its work in `run()`.
+
+A `Method` writes what is its own: `model`, `loss_fn` (or a `train_step` built on
+`gradient_step`), and optionally `init_variables` / `init_extras`; the optimizer, the
+state construction and the gradient update live here once.
 """
 from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import numpy as np
+import optax
 
-from medrep_jax.train import mesh as mesh_lib
+from medrep_jax.core import mesh as mesh_lib
+from medrep_jax.core import optim
+from medrep_jax.core.state import TrainState
+from medrep_jax.data import registry
+from medrep_jax.data import transforms as transforms_lib
+from medrep_jax.data.sources import SourceInfo
+
+
+@dataclasses.dataclass
+class Result:
+  """What a stage (or one evaluation) hands back to the trainer.
+
+  Attributes:
+    metrics: scalar metrics by name (no "eval/" prefix).
+    figures: {title: path relative to the workdir} for report.md.
+    lines: extra markdown lines for report.md.
+  """
+  metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+  figures: dict[str, str] = dataclasses.field(default_factory=dict)
+  lines: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -34,28 +66,69 @@ class EvalContext:
     return d
 
 
-class Method(abc.ABC):
-  """Base class; subclasses override what is their own."""
+class Stage(abc.ABC):
+  """What every stage has: its config, its run directory and the device mesh."""
 
-  def __init__(self, config):
+  def __init__(self, config, workdir: str | pathlib.Path | None = None, mesh=None):
     self.config = config
-    #: The run directory and device mesh, set by the trainer before any other call.
-    self.workdir: pathlib.Path | None = None
-    self.mesh = None
+    self.workdir = pathlib.Path(workdir) if workdir is not None else None
+    self.mesh = mesh
 
   # ---- data
   def make_source(self, split: str):
-    from medrep_jax.data import registry
     return registry.get_source(self.config.data, split)
 
-  def transforms(self, train: bool) -> list:
-    from medrep_jax.data import transforms
-    return transforms.build_transforms(self.config.data, train=train)
+  def transforms(self, split: str) -> list:
+    """Host-side transforms of `split`'s records: decode, resize, scale (augmentation
+    happens on device, in the step)."""
+    del split  # the same for every split unless a stage's sources differ
+    return transforms_lib.build_transforms(self.config.data)
+
+  @functools.cached_property
+  def info(self) -> SourceInfo:
+    """The dataset's info (classes, channels, masks), read from its train split once."""
+    return registry.get_source(self.config.data, "train").info
+
+
+class Task(Stage):
+  """A stage with no train loop (sampling, heatmap extraction, filtering, probes)."""
+
+  @abc.abstractmethod
+  def run(self) -> Result:
+    """Does the work, writes its outputs under `self.workdir`, returns the result."""
+
+
+class Method(Stage):
+  """A stage that trains; subclasses override what is their own."""
+
+  # ---- model and optimizer
+  @property
+  @abc.abstractmethod
+  def model(self) -> nn.Module:
+    """The flax module whose parameters `state.params` holds (built once; no data reads
+    beyond `self.info`, so it can be rebuilt from a saved config alone)."""
+
+  @functools.cached_property
+  def tx(self) -> optax.GradientTransformation:
+    """The optimizer of `config.optim` over `config.train.num_steps` steps."""
+    return optim.make_optimizer(self.config.optim, int(self.config.train.num_steps))[0]
 
   # ---- state
-  @abc.abstractmethod
-  def init_state(self, rng: jax.Array, batch: dict[str, jax.Array]):
+  def init_variables(self, rng: jax.Array, batch: dict[str, jax.Array]) -> dict:
+    """The model's initial variables from one sample batch."""
+    return self.model.init(rng, batch["image"], train=False)
+
+  def init_extras(self, rng: jax.Array, batch: dict[str, jax.Array], params,
+                  model_state: dict) -> dict:
+    """Method-owned state (momentum encoders, EMA, banks); empty by default."""
+    return {}
+
+  def init_state(self, rng: jax.Array, batch: dict[str, jax.Array]) -> TrainState:
     """Builds the TrainState from an RNG and one (global) sample batch."""
+    variables = dict(self.init_variables(rng, batch))
+    params = variables.pop("params")
+    return TrainState.create(params=params, tx=self.tx, model_state=variables,
+                             extras=self.init_extras(rng, batch, params, variables))
 
   def state_shardings(self, abstract_state, mesh) -> Any:
     """Shardings for every leaf of the state; replicated by default."""
@@ -63,39 +136,45 @@ class Method(abc.ABC):
     return jax.tree.map(lambda _: repl, abstract_state)
 
   # ---- steps (pure; traced under jit)
-  @abc.abstractmethod
-  def train_step(self, state, batch: dict[str, jax.Array], rng: jax.Array):
+  def loss_fn(self, params, state: TrainState, batch: dict[str, jax.Array],
+              rng: jax.Array) -> tuple[jax.Array, dict]:
+    """(loss, aux) for the default `train_step`; see `gradient_step` for aux."""
+    raise NotImplementedError(f"{type(self).__name__} defines neither loss_fn nor train_step")
+
+  def train_step(self, state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
     """One update; returns (new state, dict of scalar metrics)."""
+    state, metrics, _ = gradient_step(
+        state, functools.partial(self.loss_fn, state=state, batch=batch, rng=rng))
+    return state, metrics
 
   def eval_step(self, state, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """Per-example outputs (leading axis = batch) gathered on the host by the trainer."""
     return {}
 
-  def evaluate_state(self, state, ctx: EvalContext
-                     ) -> tuple[dict[str, float], dict[str, str]] | None:
+  def evaluate_state(self, state, ctx: EvalContext) -> Result | None:
     """An eval that is not a pass over eval data (e.g. sample, then score FD).
 
-    Returns (metrics, figures), or None to use `eval_step` + `evaluate` over the eval split.
+    Returns a Result, or None to use `eval_step` + `evaluate` over the eval split.
     """
     return None
 
   # ---- host side
-  def evaluate(self, outputs: dict[str, np.ndarray], state,
-               ctx: EvalContext) -> tuple[dict[str, float], dict[str, str]]:
-    """Metrics from the gathered eval outputs, and figures {title: path rel. to workdir}."""
-    return {}, {}
-
-  def report_lines(self, workdir: pathlib.Path) -> list[str]:
-    """Extra markdown lines for report.md."""
-    return []
+  def evaluate(self, outputs: dict[str, np.ndarray], state, ctx: EvalContext) -> Result:
+    """Metrics (and figures, at the final eval) from the gathered eval outputs."""
+    return Result()
 
 
-class Task(abc.ABC):
-  """A stage with no train loop (sampling, heatmap extraction, filtering)."""
+def gradient_step(state: TrainState, loss_fn: Callable[[Any], tuple[jax.Array, dict]]):
+  """value_and_grad of `loss_fn(params) -> (loss, aux)`, then one optimizer update.
 
-  def __init__(self, config):
-    self.config = config
+  `aux` may hold "metrics" (scalars to log), "updates" (new model-state collections,
+  e.g. batch_stats) and anything else the caller needs after the update.
 
-  @abc.abstractmethod
-  def run(self, workdir: pathlib.Path) -> dict[str, float]:
-    """Does the work, writes outputs under `workdir`, returns summary metrics."""
+  Returns:
+    (new state, {"loss", **metrics, "grad_norm"}, aux).
+  """
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  state = state.apply_gradients(grads, model_state={**state.model_state,
+                                                    **aux.get("updates", {})})
+  metrics = {"loss": loss, **aux.get("metrics", {}), "grad_norm": optax.tree.norm(grads)}
+  return state, metrics, aux

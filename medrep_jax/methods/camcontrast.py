@@ -15,18 +15,7 @@ Segmentation transfer (Table 9) is `finetune` with `init_from` the pretrain stag
 """
 from __future__ import annotations
 
-import importlib
-
-# stage -> (module in camcontrast_parts, class); imported lazily.
-STAGES = {"classifier": ("classifier_stage", "ClassifierStage"),
-          "heatmaps": ("heatmap_stage", "HeatmapStage"),
-          "pretrain": ("pretrain_stage", "PretrainStage"),
-          "linear_eval": ("linear_eval_stage", "LinearEvalStage")}
-
-
-def build(config):
-  stage = config.get("stage", "")
-  if stage not in STAGES:
-    raise ValueError(f"camcontrast: config.stage={stage!r}; expected one of {tuple(STAGES)}")
-  module, cls = STAGES[stage]
-  return getattr(importlib.import_module(f"{__package__}.camcontrast_parts.{module}"), cls)(config)
+STAGES = {"classifier": "camcontrast_parts.classifier_stage:ClassifierStage",
+          "heatmaps": "camcontrast_parts.heatmap_stage:HeatmapStage",
+          "pretrain": "camcontrast_parts.pretrain_stage:PretrainStage",
+          "linear_eval": "camcontrast_parts.linear_eval_stage:LinearEvalStage"}

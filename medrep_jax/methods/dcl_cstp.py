@@ -13,19 +13,17 @@ encoder as one batch. The bank receives the momentum keys of v2 (B keys per step
 must be a multiple of the global batch. The bank is sharded along K over the "data" axis; each device
 enqueues its own keys into its own shard (`memory_bank.enqueue_sharded`).
 
-Baselines and ablations are the same code with other switches (see presets/dcl_cstp.py):
+Baselines and ablations are the same code with other switches (see configs/dcl_cstp.py):
 SimCLR (`loss.nt_xent`), MoCo-v2 (`global_stream="moco"`), SimSiam (local stream only),
 w/o global, w/o local, MLP projector, standard attention.
 """
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from medrep_jax.data import augment
@@ -33,8 +31,7 @@ from medrep_jax.losses import contrastive as cl
 from medrep_jax.methods import base
 from medrep_jax.methods import ssl_base
 from medrep_jax.models import heads, unet
-from medrep_jax.train import memory_bank, optim
-from medrep_jax.train.state import TrainState
+from medrep_jax.core import memory_bank
 
 
 class ContrastiveNet(nn.Module):
@@ -69,7 +66,7 @@ class DCLCsTP(ssl_base.PretrainMethod):
   """The dual-stream step and its baselines."""
 
   @functools.cached_property
-  def net(self) -> ContrastiveNet:
+  def model(self) -> ContrastiveNet:
     c, m = self.config, self.config.model
     encoder = unet.encoder_from_config(m, jnp.dtype(c.dtype), c.get("remat", False))
     if m.projector == "cstp":
@@ -99,28 +96,22 @@ class DCLCsTP(ssl_base.PretrainMethod):
     both = self.uses_bank and l.local_stream != "none"
     return 3 if both else 2
 
-  @functools.cached_property
-  def tx(self):
-    return optim.make_optimizer(self.config.optim, int(self.config.train.num_steps))[0]
-
   # ---- state
-  def init_state(self, rng, batch):
-    k_net, k_bank = jax.random.split(rng)
-    x = batch["image"]
-    variables = self.net.init(k_net, x, train=False)
-    params = variables.pop("params")
-    model_state = dict(variables)
-    extras: dict[str, Any] = {}
-    if self.uses_bank:
-      online = {k: params[k] for k in ("encoder", "projector")}
-      stats = {k: v for k, v in model_state.get("batch_stats", {}).items()
-               if k in ("encoder", "projector")}
-      bank, ptr = memory_bank.init_bank(k_bank, int(self.config.loss.bank_size),
-                                        int(self.config.model.embed_dim))
-      extras = {"momentum_params": online, "momentum_stats": stats, "bank": bank,
-                "bank_ptr": ptr}
-    return TrainState.create(params=params, tx=self.tx, apply_fn=self.net.apply,
-                             model_state=model_state, extras=extras)
+  def init_variables(self, rng, batch):
+    return self.model.init(jax.random.split(rng)[0], batch["image"], train=False)
+
+  def init_extras(self, rng, batch, params, model_state):
+    """F_m, T_m (eq. 5) start as copies of F, T; the bank starts as random unit keys."""
+    if not self.uses_bank:
+      return {}
+    online = {k: params[k] for k in ("encoder", "projector")}
+    stats = {k: v for k, v in model_state.get("batch_stats", {}).items()
+             if k in ("encoder", "projector")}
+    bank, ptr = memory_bank.init_bank(jax.random.split(rng)[1],
+                                      int(self.config.loss.bank_size),
+                                      int(self.config.model.embed_dim))
+    return {"momentum_params": online, "momentum_stats": stats, "bank": bank,
+            "bank_ptr": ptr}
 
   def state_shardings(self, abstract_state, mesh):
     shardings = super().state_shardings(abstract_state, mesh)
@@ -137,7 +128,7 @@ class DCLCsTP(ssl_base.PretrainMethod):
   # ---- step
   def _momentum_embed(self, extras, x):
     variables = {"params": extras["momentum_params"], "batch_stats": extras["momentum_stats"]}
-    z, updates = self.net.apply(variables, x, True, method=ContrastiveNet.embed,
+    z, updates = self.model.apply(variables, x, True, method=ContrastiveNet.embed,
                                 mutable=["batch_stats"])
     return jax.lax.stop_gradient(cl.l2_normalize(z)), updates.get("batch_stats", {})
 
@@ -156,7 +147,7 @@ class DCLCsTP(ssl_base.PretrainMethod):
     def loss_fn(params):
       variables = {"params": params, **state.model_state}
       flat = views.reshape((v * b,) + views.shape[2:])
-      (z, p), updates = self.net.apply(variables, flat, True, v,
+      (z, p), updates = self.model.apply(variables, flat, True, v,
                                        method=ContrastiveNet.embed_and_predict,
                                        mutable=["batch_stats"])
       z = z.reshape(v, b, -1)
@@ -179,11 +170,10 @@ class DCLCsTP(ssl_base.PretrainMethod):
         terms["nt_xent"] = jnp.mean(cl.nt_xent(z[0], z[1], l.nt_xent_temperature))
       loss = (terms.get("nce", 0.0) + float(l.alpha) * terms.get("kl", 0.0)
               + float(l.beta) * terms.get("cs", 0.0) + terms.get("nt_xent", 0.0))
-      return loss, (terms, updates)
+      return loss, {"metrics": {f"loss/{k}": t for k, t in terms.items()},
+                    "updates": updates}
 
-    (loss, (terms, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    model_state = {**state.model_state, **updates}
-    state = state.apply_gradients(grads, model_state=model_state)
+    state, metrics, _ = base.gradient_step(state, loss_fn)
     if self.uses_bank:  # eq. 5 momentum update, then enqueue this step's keys
       online = {k: state.params[k] for k in ("encoder", "projector")}
       mom = optax.incremental_update(online, extras["momentum_params"],
@@ -191,14 +181,7 @@ class DCLCsTP(ssl_base.PretrainMethod):
       bank, ptr = memory_bank.enqueue_sharded(extras["bank"], extras["bank_ptr"], k2, self.mesh)
       state = state.replace(extras={"momentum_params": mom, "momentum_stats": stats2,
                                     "bank": bank, "bank_ptr": ptr})
-    metrics = {"loss": loss, **{f"loss/{k}": v for k, v in terms.items()},
-               "grad_norm": optax.tree.norm(grads)}
     return state, metrics
 
-  def features(self, state, images):
-    return self.net.apply({"params": state.params, **state.model_state}, images,
-                          method=ContrastiveNet.features)
 
-
-def build(config) -> DCLCsTP:
-  return DCLCsTP(config)
+STAGES = {"pretrain": DCLCsTP}

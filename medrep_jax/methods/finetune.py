@@ -6,14 +6,14 @@ with skip connections trained with IoU + BCE (eq. 9). The encoder can be frozen 
 probe / frozen-encoder segmentation) or fully fine-tuned, a label fraction of the train
 split can be used, and `init_from` loads any pretraining run's `encoder` subtree.
 
-Config fields (see `medrep_jax/presets/finetune.py`): `task`, `model.encoder`,
+Config fields (see `configs/finetune.py`): `task`, `model.encoder`,
 `model.norm`, `model.small_input`, `model.decoder_widths`, `freeze_encoder`,
 `label_fraction`, `loss`.
 """
 from __future__ import annotations
 
+import functools
 import os
-from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -28,36 +28,11 @@ from medrep_jax.eval import metrics as metrics_lib
 from medrep_jax.losses import segmentation as seg_losses
 from medrep_jax.methods import base
 from medrep_jax.models import unet
-from medrep_jax.train import optim
-from medrep_jax.train.state import TrainState
 
 TASKS = ("classification", "segmentation")
 
 
-class FinetuneNet(nn.Module):
-  """Encoder (named `encoder`) + linear head or U-Net decoder."""
-  task: str
-  num_outputs: int
-  encoder: nn.Module
-  decoder_widths: Sequence[int] = (256, 128, 64, 32, 16)
-  norm: str = "batch"
-  train_encoder: bool = True
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    feats = self.encoder(x, train=train and self.train_encoder)
-    if not self.train_encoder:
-      feats = jax.lax.stop_gradient(feats)
-    if self.task == "classification":
-      pooled = feats["pooled"].astype(jnp.float32)
-      return nn.Dense(self.num_outputs, dtype=jnp.float32, name="head")(pooled)
-    return unet.UNetDecoder(self.decoder_widths, self.num_outputs, self.norm,
-                            dtype=self.dtype, name="decoder")(
-                                feats, train, output_size=x.shape[1:3])
-
-
-def _frozen_labels(params) -> Any:
+def _frozen_labels(params) -> dict:
   return {k: jax.tree.map(lambda _: "frozen" if k == "encoder" else "train", v)
           for k, v in params.items()}
 
@@ -65,19 +40,16 @@ def _frozen_labels(params) -> Any:
 class Finetune(base.Method):
   """Supervised classification or segmentation on top of an encoder."""
 
-  def __init__(self, config):
-    super().__init__(config)
+  def __init__(self, config, workdir=None, mesh=None):
+    super().__init__(config, workdir, mesh)
     if config.task not in TASKS:
       raise ValueError(f"task={config.task!r}; expected one of {TASKS}")
     self.task = config.task
     self.dtype = jnp.dtype(config.dtype)
-    self._info = None
-    self._built = None
 
   # ---- data
   def make_source(self, split: str):
     source = super().make_source(split)
-    self._info = source.info
     if self.task == "segmentation" and not source.info.has_mask:
       raise ValueError(f"task=segmentation needs masks, but data {source.info.name!r} has "
                        f"none; use an image+mask dataset")
@@ -91,34 +63,30 @@ class Finetune(base.Method):
 
   @property
   def num_outputs(self) -> int:
-    info = self._info
     if self.task == "classification":
-      return info.num_classes
-    return 1 if info.num_mask_classes <= 2 else info.num_mask_classes
+      return self.info.num_classes
+    return 1 if self.info.num_mask_classes <= 2 else self.info.num_mask_classes
 
-  def model(self) -> FinetuneNet:
+  @functools.cached_property
+  def model(self) -> nn.Module:
+    """Encoder + linear head (classification) or + U-Net decoder (segmentation)."""
     m = self.config.model
     encoder = unet.encoder_from_config(m, self.dtype, self.config.get("remat", False))
-    return FinetuneNet(task=self.task, num_outputs=self.num_outputs, encoder=encoder,
-                       decoder_widths=tuple(m.decoder_widths), norm=m.norm,
-                       train_encoder=not self.config.freeze_encoder, dtype=self.dtype)
+    train_encoder = not self.config.freeze_encoder
+    if self.task == "classification":
+      return unet.Classifier(num_classes=self.num_outputs, encoder=encoder,
+                             train_encoder=train_encoder)
+    return unet.UNet(num_classes=self.num_outputs, encoder=encoder,
+                     decoder_widths=tuple(m.decoder_widths), norm=m.norm, dtype=self.dtype,
+                     train_encoder=train_encoder)
 
-  # ---- state
-  def init_state(self, rng, batch):
-    # The model and optimizer are built once: the state's static fields must compare
-    # equal between eval_shape and jit.
-    if self._built is None:
-      model = self.model()
-      tx, _ = optim.make_optimizer(self.config.optim, int(self.config.train.num_steps))
-      if self.config.freeze_encoder:
-        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
-                                   lambda params: _frozen_labels(params))
-      self._built = (model, tx)
-    model, tx = self._built
-    variables = model.init({"params": rng}, batch["image"], train=False)
-    params = variables.pop("params")
-    return TrainState.create(params=params, tx=tx, apply_fn=model.apply,
-                             model_state=dict(variables))
+  @functools.cached_property
+  def tx(self):
+    tx = super().tx
+    if self.config.freeze_encoder:
+      tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
+                                 lambda params: _frozen_labels(params))
+    return tx
 
   # ---- losses
   def loss(self, logits: jax.Array, batch) -> tuple[jax.Array, dict]:
@@ -149,22 +117,15 @@ class Finetune(base.Method):
     dice = 2 * inter / jnp.maximum(jnp.sum(pred > 0) + jnp.sum(fg), 1)
     return loss, {"dice_fg": dice}
 
-  def train_step(self, state: TrainState, batch, rng):
+  def loss_fn(self, params, state, batch, rng):
     del rng  # no stochastic layers; augmentations happen in the input pipeline
-
-    def loss_fn(params):
-      logits, updates = state.apply_fn({"params": params, **state.model_state},
+    logits, updates = self.model.apply({"params": params, **state.model_state},
                                        batch["image"], train=True, mutable=["batch_stats"])
-      loss, aux = self.loss(logits, batch)
-      return loss, (aux, updates)
+    loss, metrics = self.loss(logits, batch)
+    return loss, {"metrics": metrics, "updates": updates}
 
-    (loss, (aux, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    model_state = {**state.model_state, **updates}
-    state = state.apply_gradients(grads, model_state=model_state)
-    return state, {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads)}
-
-  def eval_step(self, state: TrainState, batch):
-    logits = state.apply_fn(state.variables(), batch["image"], train=False)
+  def eval_step(self, state, batch):
+    logits = self.model.apply(state.variables(), batch["image"], train=False)
     out = {"index": batch["index"]}
     if self.task == "classification":
       if self.config.loss == "bce":
@@ -183,11 +144,11 @@ class Finetune(base.Method):
 
   # ---- host side
   def evaluate(self, outputs, state, ctx):
-    info = self._info
+    info = self.info
     if self.task == "classification":
       probs, labels = outputs["probs"], outputs["label"]
       if labels.ndim == 2:
-        return {"auc": metrics_lib.multilabel_auc(probs, labels)}, {}
+        return base.Result({"auc": metrics_lib.multilabel_auc(probs, labels)})
       if self.config.loss == "bce":
         probs = probs / np.maximum(probs.sum(-1, keepdims=True), 1e-12)
       metrics = metrics_lib.classification_metrics(probs, labels, info.num_classes)
@@ -197,7 +158,7 @@ class Finetune(base.Method):
         path = fig_lib.confusion_matrix_figure(np.asarray(cm), info.class_names,
                                                ctx.figures_dir / "confusion_matrix.png")
         figs["confusion matrix"] = os.path.relpath(path, ctx.workdir)
-      return _scalars(metrics), figs
+      return base.Result(_scalars(metrics), figs)
     num_classes = max(2, info.num_mask_classes)
     metrics = metrics_lib.segmentation_metrics(outputs["pred"], outputs["mask"], num_classes)
     if "prob" in outputs:
@@ -206,12 +167,12 @@ class Finetune(base.Method):
     figs = {}
     if ctx.final:
       figs["segmentation overlays"] = self._overlay(outputs, ctx)
-    return _scalars(metrics), figs
+    return base.Result(_scalars(metrics), figs)
 
   def _overlay(self, outputs, ctx) -> str:
     n = min(8, len(outputs["index"]))
     source = self.make_source(ctx.split)
-    tfs = self.transforms(False)
+    tfs = self.transforms(ctx.split)
     images = [transforms.apply_transforms(source[int(i)], tfs)["image"]
               for i in outputs["index"][:n]]
     path = fig_lib.segmentation_overlay_grid(np.stack(images), outputs["mask"][:n],
@@ -226,5 +187,4 @@ def _scalars(metrics: dict) -> dict[str, float]:
   return {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
 
 
-def build(config) -> Finetune:
-  return Finetune(config)
+STAGES = {"finetune": Finetune}

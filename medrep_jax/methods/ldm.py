@@ -11,21 +11,7 @@ Four stages, chosen by `config.stage` (the default config runs all four as a pip
 """
 from __future__ import annotations
 
-STAGES = ("vae", "unet", "sample", "filter")
-
-
-def build(config):
-  stage = config.get("stage", "")
-  if stage == "vae":
-    from medrep_jax.methods.ldm_parts.vae_stage import VAEStage
-    return VAEStage(config)
-  if stage == "unet":
-    from medrep_jax.methods.ldm_parts.unet_stage import UNetStage
-    return UNetStage(config)
-  if stage == "sample":
-    from medrep_jax.methods.ldm_parts.sample_stage import SampleStage
-    return SampleStage(config)
-  if stage == "filter":
-    from medrep_jax.methods.ldm_parts.filter_stage import FilterStage
-    return FilterStage(config)
-  raise ValueError(f"ldm: config.stage={stage!r}; expected one of {STAGES}")
+STAGES = {"vae": "ldm_parts.vae_stage:VAEStage",
+          "unet": "ldm_parts.unet_stage:UNetStage",
+          "sample": "ldm_parts.sample_stage:SampleStage",
+          "filter": "ldm_parts.filter_stage:FilterStage"}

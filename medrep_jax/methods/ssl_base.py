@@ -11,13 +11,12 @@ labelled train subset as the reference and the eval split as queries.
 """
 from __future__ import annotations
 
-import abc
 import functools
 
 import jax
 import numpy as np
 
-from medrep_jax.data import loader, readers, transforms
+from medrep_jax.data import loader, readers
 from medrep_jax.data.sources import SourceInfo
 from medrep_jax.methods import base
 
@@ -40,7 +39,7 @@ class MixedSource:
     return {"image": rec["image"], "index": np.int64(i)}
 
 
-class PretrainMethod(base.Method, abc.ABC):
+class PretrainMethod(base.Method):
   """Base for contrastive / self-supervised pretraining methods."""
 
   def make_source(self, split: str):
@@ -62,16 +61,14 @@ class PretrainMethod(base.Method, abc.ABC):
     self.check_data(len(source))
     return source
 
-  def transforms(self, train: bool) -> list:
-    # Views are augmented on device; the host only decodes, resizes and scales.
-    return transforms.build_transforms(self.config.data, train=False)
-
   def check_data(self, train_size: int) -> None:
     """Hook for method-specific checks (e.g. memory-bank size against the data)."""
 
-  @abc.abstractmethod
   def features(self, state, images: jax.Array) -> jax.Array:
-    """(state, images (B, H, W, C) in [0, 1]) -> pooled encoder features (B, D); pure."""
+    """(state, images (B, H, W, C) in [0, 1]) -> pooled encoder features (B, D); pure.
+
+    The model's `features` method (pooled encoder output, inference mode)."""
+    return self.model.apply(state.variables(), images, method="features")
 
   @functools.cached_property
   def _features_jit(self):
@@ -86,7 +83,7 @@ class PretrainMethod(base.Method, abc.ABC):
     fn = functools.partial(self._features_jit, state)
     feats, labels = [], []
     bs = int(self.config.train.eval_batch_size)
-    for b in loader.eval_batches(source, self.transforms(False), global_batch=bs,
+    for b in loader.eval_batches(source, self.transforms(split), global_batch=bs,
                                  max_examples=limit, process_index=0, process_count=1):
       keep = b["_valid"] > 0
       feats.append(np.asarray(fn(b["image"]))[keep])
@@ -99,8 +96,8 @@ class PretrainMethod(base.Method, abc.ABC):
     ref = self._features(state, "train", int(mon.max_train))
     query = self._features(state, ctx.split, int(self.config.train.max_eval_examples))
     if ref is None or query is None:
-      return {}, {}
+      return base.Result()
     metrics = {"knn_accuracy": probes.knn_accuracy(*ref, *query, k=int(mon.knn_k))}
     probe = probes.linear_probe(*ref, *query)
     metrics.update({f"linear_probe_{k}": v for k, v in probe.items()})
-    return metrics, {}
+    return base.Result(metrics)

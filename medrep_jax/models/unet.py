@@ -1,4 +1,4 @@
-"""U-Net decoders, the classic U-Net, ResNet-U-Net and an encoder+head classifier.
+"""U-Net encoder and decoder, the U-Net over any encoder, and an encoder+head classifier.
 
 Every encoder here returns the same features dict as ``resnet.ResNet``: keys
 ``"c1"``..``"cN"`` (shallow to deep) plus ``"pooled"`` (B, C). Every composite
@@ -152,56 +152,6 @@ class UNetEncoder(nn.Module):
     return feats
 
 
-class UNet(nn.Module):
-  """Classic U-Net (Ronneberger et al., 2015) with a 2x2 transposed-conv up path.
-
-  ``__call__(x, train) -> logits (B, H, W, num_classes)``, float32. H and W
-  should be divisible by ``2**(len(widths) - 1)`` for exact skip alignment
-  (other sizes work; upsampled maps are resized to the skip size).
-  """
-  num_classes: int
-  widths: Sequence[int] = (32, 64, 128, 256)
-  norm: str = "batch"
-  upsample: str = "transpose"
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-    feats = UNetEncoder(self.widths, self.norm, self.dtype, name="encoder")(x, train)
-    return UNetDecoder(tuple(reversed(self.widths[:-1])), self.num_classes,
-                       self.norm, self.upsample, self.dtype,
-                       name="decoder")(feats, train, output_size=x.shape[1:3])
-
-
-class ResNetUNet(nn.Module):
-  """U-Net with a ResNet encoder (DCL-CsTP Sec. III-E; train it with eq. 9).
-
-  Attributes:
-    num_classes: logit channels (1 for binary masks with BCE/IoU losses).
-    encoder: ResNet name for ``resnet.get_resnet``; the submodule itself is
-      named ``encoder``, so ``params["encoder"]`` matches a ResNet's params.
-    norm, small_input, dtype: passed to the encoder (norm also to decoder).
-    decoder_widths: deep to shallow; 5 steps are used with the ImageNet stem
-      (c5->c4->c3->c2->c1->full res), 4 with ``small_input``.
-  """
-  num_classes: int
-  encoder: str = "resnet50"
-  norm: str = "batch"
-  small_input: bool = False
-  dtype: Dtype = jnp.float32
-  decoder_widths: Sequence[int] = (256, 128, 64, 32, 16)
-  upsample: str = "bilinear"
-
-  @nn.compact
-  def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-    enc = resnet.get_resnet(self.encoder, norm=self.norm, dtype=self.dtype,
-                            small_input=self.small_input, name="encoder")
-    feats = enc(x, train)
-    return UNetDecoder(self.decoder_widths, self.num_classes, self.norm,
-                       self.upsample, self.dtype,
-                       name="decoder")(feats, train, output_size=x.shape[1:3])
-
-
 ENCODER_NAMES = resnet.RESNET_NAMES + ("unet_encoder",)
 
 
@@ -231,6 +181,17 @@ def get_encoder(name: str, /, **kw: Any) -> nn.Module:
   raise ValueError(f"unknown encoder {name!r}; valid names: {list(ENCODER_NAMES)}")
 
 
+def _encode(module: nn.Module, x: jnp.ndarray, train: bool) -> Features:
+  """Runs `module.encoder` (a module, bound as child "encoder", or a `get_encoder` name);
+  with `train_encoder=False` its BatchNorm runs in inference mode and no gradient reaches it
+  (a frozen encoder: linear probe, frozen-encoder segmentation)."""
+  enc = module.encoder
+  if isinstance(enc, str):
+    enc = get_encoder(enc, name="encoder")
+  feats = enc(x, train and module.train_encoder)
+  return feats if module.train_encoder else jax.lax.stop_gradient(feats)
+
+
 class Classifier(nn.Module):
   """Encoder + linear head on pooled features (DCL-CsTP eq. 8, CAMContrast eq. 1).
 
@@ -238,7 +199,8 @@ class Classifier(nn.Module):
     num_classes: logits width.
     encoder: an encoder module (e.g. ``get_encoder("resnet18", norm="group")``)
       or a name for ``get_encoder`` with default attributes; in both cases the
-      submodule is named ``encoder``. See also ``make_classifier``.
+      submodule is named ``encoder``.
+    train_encoder: False freezes the encoder (linear evaluation).
 
   ``__call__(x, train, return_features=False)`` returns float32 logits
   (B, num_classes), or ``(logits, features)`` where ``features`` is the
@@ -247,20 +209,42 @@ class Classifier(nn.Module):
   """
   num_classes: int
   encoder: Any = "resnet50"
+  train_encoder: bool = True
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool, return_features: bool = False):
-    if isinstance(self.encoder, str):
-      enc = get_encoder(self.encoder, name="encoder")
-    else:
-      enc = self.encoder  # A module attribute is bound as child "encoder".
-    feats = enc(x, train)
+    feats = _encode(self, x, train)
     logits = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32,
                       name="head")(feats["pooled"].astype(jnp.float32))
     return (logits, feats) if return_features else logits
 
 
-def make_classifier(encoder_name: str, num_classes: int, **encoder_kw: Any) -> Classifier:
-  """``Classifier`` over ``get_encoder(encoder_name, **encoder_kw)``."""
-  return Classifier(num_classes=num_classes,
-                    encoder=get_encoder(encoder_name, **encoder_kw))
+class UNet(nn.Module):
+  """U-Net: any encoder's feature pyramid + `UNetDecoder` with skips (DCL-CsTP Sec. III-E,
+  trained with eq. 9; with `encoder=UNetEncoder(...)` and `upsample="transpose"` it is the
+  classic U-Net of Ronneberger et al.).
+
+  Attributes:
+    num_classes: logit channels (1 for binary masks with BCE/IoU losses).
+    encoder: an encoder module or a `get_encoder` name; the submodule is named
+      ``encoder``, so ``params["encoder"]`` matches a pretrained encoder's params.
+    decoder_widths: deep to shallow; 5 steps are used with the ResNet ImageNet stem
+      (c5->c4->c3->c2->c1->full res), 4 with ``small_input``.
+    norm, upsample, dtype: of the decoder.
+    train_encoder: False freezes the encoder.
+
+  ``__call__(x, train) -> logits (B, H, W, num_classes)``, float32, at the input size.
+  """
+  num_classes: int
+  encoder: Any = "resnet50"
+  decoder_widths: Sequence[int] = (256, 128, 64, 32, 16)
+  norm: str = "batch"
+  upsample: str = "bilinear"
+  dtype: Dtype = jnp.float32
+  train_encoder: bool = True
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    feats = _encode(self, x, train)
+    return UNetDecoder(self.decoder_widths, self.num_classes, self.norm, self.upsample,
+                       self.dtype, name="decoder")(feats, train, output_size=x.shape[1:3])

@@ -23,10 +23,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from medrep_jax import config_lib
+from medrep_jax.core import checkpoint as ckpt_lib
+from medrep_jax.core import mesh as mesh_lib
+from medrep_jax.core import runs
 from medrep_jax.data import loader
 from medrep_jax.methods import base, load_method
-from medrep_jax.train import checkpoint as ckpt_lib
-from medrep_jax.train import mesh as mesh_lib
 from medrep_jax.train import report as report_lib
 from medrep_jax.train.logging import MetricWriter
 
@@ -109,10 +110,9 @@ class Trainer:
     self.config = config
     self.workdir = pathlib.Path(workdir).absolute()
     self.workdir.mkdir(parents=True, exist_ok=True)
-    self.method = method if method is not None else load_method(config)
-    self.method.workdir = self.workdir
     self.mesh = mesh_lib.make_mesh(config.mesh, devices)
-    self.method.mesh = self.mesh
+    self.method = method if method is not None else load_method(config)
+    self.method.workdir, self.method.mesh = self.workdir, self.mesh
     tc = config.train
     mesh_lib.check_batch_size(int(tc.batch_size), self.mesh)
     mesh_lib.check_batch_size(int(tc.eval_batch_size), self.mesh, "train.eval_batch_size")
@@ -137,7 +137,7 @@ class Trainer:
     src = self.config.init_from
     if not src:
       return state
-    saved = ckpt_lib.load_state_tree(src)
+    saved = runs.load_run(src).state
     # Rules apply inside each collection: "encoder:encoder" maps params/encoder/... and
     # model_state/batch_stats/encoder/... alike.
     merged = {"params": None, "model_state": {}}
@@ -175,13 +175,18 @@ class Trainer:
     tc = self.config.train
     step = int(state.step)
     ctx = base.EvalContext(workdir=self.workdir, step=step, final=final, split=tc.eval_split)
-    custom = self.method.evaluate_state(state, ctx)
-    if custom is not None:
-      metrics, figures = custom
-      self.writer.write(step, "eval", {f"eval/{k}": v for k, v in metrics.items()
-                                       if np.ndim(v) == 0 and not isinstance(v, str)})
-      self.figures.update(figures)
-      return metrics
+    result = self.method.evaluate_state(state, ctx)
+    if result is None:
+      result = self.method.evaluate(self._eval_outputs(state), state, ctx)
+    self.writer.write(step, "eval", {f"eval/{k}": v for k, v in result.metrics.items()
+                                     if np.ndim(v) == 0 and not isinstance(v, str)})
+    self.figures.update(result.figures)
+    self.report_lines = list(result.lines)
+    return result.metrics
+
+  def _eval_outputs(self, state) -> dict[str, np.ndarray]:
+    """`eval_step` over the eval split, gathered on the host (padding dropped)."""
+    tc = self.config.train
     if self._eval_source is None:
       self._eval_source = self.method.make_source(tc.eval_split)
     eval_fn = getattr(self, "_eval_fn", None)
@@ -190,7 +195,7 @@ class Trainer:
         return {**self.method.eval_step(s, b), "_valid": b["_valid"]}
       eval_fn = self._eval_fn = jax.jit(eval_fn)
     outs = []
-    batches = loader.eval_batches(self._eval_source, self.method.transforms(False),
+    batches = loader.eval_batches(self._eval_source, self.method.transforms(tc.eval_split),
                                   global_batch=int(tc.eval_batch_size),
                                   max_examples=int(tc.max_eval_examples),
                                   num_threads=int(tc.num_threads))
@@ -199,22 +204,19 @@ class Trainer:
     host = mesh_lib.to_host(outs)
     cat = {k: np.concatenate([o[k] for o in host]) for k in host[0]}
     valid = cat.pop("_valid") > 0
-    cat = {k: v[valid] for k, v in cat.items()}
-    metrics, figures = self.method.evaluate(cat, state, ctx)
-    self.writer.write(step, "eval", {f"eval/{k}": v for k, v in metrics.items()})
-    self.figures.update(figures)
-    return metrics
+    return {k: v[valid] for k, v in cat.items()}
 
   # ------------------------------------------------------------------------------- loop
   def run(self) -> dict[str, Any]:
     config, tc = self.config, self.config.train
     self.figures: dict[str, str] = {}
+    self.report_lines: list[str] = []
     train_source = self.method.make_source("train")
     if float(tc.get("num_epochs", 0.0)) > 0:
       tc.num_steps = math.ceil(float(tc.num_epochs) * len(train_source) / int(tc.batch_size))
     num_steps = int(tc.num_steps)
     write_config(config, self.workdir)
-    train_ds = loader.train_dataset(train_source, self.method.transforms(True),
+    train_ds = loader.train_dataset(train_source, self.method.transforms("train"),
                                     global_batch=int(tc.batch_size), seed=int(config.seed))
     with jax.set_mesh(self.mesh):
       sample = mesh_lib.to_global(train_ds[0], self.mesh)
@@ -312,30 +314,40 @@ class Trainer:
     final = {"step": int(state.step), **{f"train/{k}": v for k, v in final_metrics.items()},
              **{f"eval/{k}": v for k, v in eval_metrics.items()}}
     self.writer.close()
-    if jax.process_index() == 0:
-      report_lib.write_report(self.workdir, self.config, final, self.figures,
-                              self.method.report_lines(self.workdir))
-      (self.workdir / "done.json").write_text(json.dumps(final, indent=2, default=float))
+    finish(self.workdir, self.config, final, base.Result(final, self.figures, self.report_lines))
     return final
 
 
+def finish(workdir: pathlib.Path, config, final: dict[str, Any], result: base.Result) -> None:
+  """Writes report.md (final metrics, figures, lines) and done.json for any stage."""
+  if jax.process_index() == 0:
+    report_lib.write_report(workdir, config, final, result.figures, result.lines)
+    (workdir / "done.json").write_text(json.dumps(final, indent=2, default=float))
+
+
+def run_task(task: base.Task, config, workdir: pathlib.Path) -> dict[str, Any]:
+  """Runs a stage with no train loop under the same contract as a trained run."""
+  task.workdir, task.mesh = workdir, mesh_lib.make_mesh(config.mesh)
+  result = task.run()
+  writer = MetricWriter(workdir)  # the same contract as trained runs: metrics.jsonl + tb/
+  writer.write(0, "eval", {f"eval/{k}": v for k, v in result.metrics.items()
+                           if isinstance(v, (int, float))})
+  writer.close()
+  finish(workdir, config, result.metrics, result)
+  return result.metrics
+
+
 def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
-  """Trains and evaluates `config` in `workdir` (resuming if it holds checkpoints)."""
+  """Runs the stage `config` describes in `workdir`, resuming a trained stage from its
+  checkpoints; a finished stage returns its done.json at once."""
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
-  method_or_task = load_method(config)
-  if isinstance(method_or_task, base.Task):
+  stage = load_method(config)
+  if isinstance(stage, base.Task):
     write_config(config, workdir)
     done = workdir / "done.json"
     if done.exists():
       print(f"Stage in {workdir} already finished; nothing to do.")
       return json.loads(done.read_text())
-    result = method_or_task.run(workdir)
-    writer = MetricWriter(workdir)  # the same contract as trained runs: metrics.jsonl + tb/
-    writer.write(0, "eval", {f"eval/{k}": v for k, v in result.items()
-                             if isinstance(v, (int, float))})
-    writer.close()
-    if jax.process_index() == 0:
-      done.write_text(json.dumps(result, indent=2, default=float))
-    return result
-  return Trainer(config, workdir, method_or_task).run()
+    return run_task(stage, config, workdir)
+  return Trainer(config, workdir, stage).run()

@@ -19,53 +19,33 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from medrep_jax.data import augment, transforms
+from medrep_jax.data import augment
 from medrep_jax.eval import figures as fig_lib
 from medrep_jax.eval import metrics as metrics_lib
 from medrep_jax.losses import cam as cam_losses
 from medrep_jax.methods import base
 from medrep_jax.methods.camcontrast_parts import common, heatmaps
 from medrep_jax.models import cam, unet
-from medrep_jax.train import optim
-from medrep_jax.train.state import TrainState
 
 
 class ClassifierStage(base.Method):
   """CE + λ·L_attn on coarse labels (eq. 2)."""
-
-  def __init__(self, config):
-    super().__init__(config)
-    self._info = None
 
   def make_source(self, split: str):
     source = super().make_source(split)
     if not source.info.num_classes:
       raise ValueError(f"camcontrast stage=classifier needs labels, but data "
                        f"{source.info.name!r} has none")
-    self._info = source.info
     return source
-
-  def transforms(self, train: bool) -> list:
-    return transforms.build_transforms(self.config.data, train=False)  # augment on device
 
   @property
   def multi_label(self) -> bool:
-    return bool(self._info is not None and self._info.multi_label)
+    return bool(self.info.multi_label)
 
   @functools.cached_property
-  def net(self) -> unet.Classifier:
-    k = self._info.num_classes if self.multi_label else 2
+  def model(self) -> unet.Classifier:
+    k = self.info.num_classes if self.multi_label else 2
     return unet.Classifier(num_classes=k, encoder=common.encoder_of(self.config))
-
-  @functools.cached_property
-  def tx(self):
-    return optim.make_optimizer(self.config.optim, int(self.config.train.num_steps))[0]
-
-  def init_state(self, rng, batch):
-    variables = self.net.init(rng, batch["image"], train=False)
-    params = variables.pop("params")
-    return TrainState.create(params=params, tx=self.tx, apply_fn=self.net.apply,
-                             model_state=dict(variables))
 
   def _labels(self, batch):
     return common.coarse_labels(batch["label"], int(self.config.coarse.normal_class))
@@ -90,26 +70,24 @@ class ClassifierStage(base.Method):
     labels = self._labels(batch)
 
     def loss_fn(params):
-      (logits, feats), updates = state.apply_fn(
+      (logits, feats), updates = self.model.apply(
           {"params": params, **state.model_state}, x, True, True, mutable=["batch_stats"])
       ce, attn = self.loss(logits, unet.last_feature_map(feats), params["head"]["kernel"],
                            labels)
+      if self.multi_label:
+        acc = jnp.mean((logits > 0) == (labels > 0))
+      else:
+        acc = jnp.mean(jnp.argmax(logits, -1) == labels)
+      metrics = {"loss/ce": jnp.mean(ce), "loss/attn": jnp.mean(attn),
+                 "attn_active": jnp.mean(attn > 0), "accuracy": acc}
       loss = jnp.mean(ce + float(c.loss.attention_weight) * attn)
-      return loss, (logits, ce, attn, updates)
+      return loss, {"metrics": metrics, "updates": updates}
 
-    (loss, (logits, ce, attn, updates)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
-    state = state.apply_gradients(grads, model_state={**state.model_state, **updates})
-    if self.multi_label:
-      acc = jnp.mean((logits > 0) == (labels > 0))
-    else:
-      acc = jnp.mean(jnp.argmax(logits, -1) == labels)
-    return state, {"loss": loss, "loss/ce": jnp.mean(ce), "loss/attn": jnp.mean(attn),
-                   "attn_active": jnp.mean(attn > 0), "accuracy": acc,
-                   "grad_norm": optax.tree.norm(grads)}
+    state, metrics, _ = base.gradient_step(state, loss_fn)
+    return state, metrics
 
   def eval_step(self, state, batch):
-    logits = state.apply_fn(state.variables(), batch["image"], False)
+    logits = self.model.apply(state.variables(), batch["image"], False)
     probs = jax.nn.sigmoid(logits) if self.multi_label else jax.nn.softmax(logits)
     return {"probs": probs, "label": self._labels(batch), "index": batch["index"]}
 
@@ -123,12 +101,12 @@ class ClassifierStage(base.Method):
     figs = {}
     if ctx.final:
       figs["CAM heatmaps"] = self._cam_figure(state, ctx)
-    return out, figs
+    return base.Result(out, figs)
 
   def _cam_figure(self, state, ctx) -> str:
     source = self.make_source(ctx.split)
-    fn = common.map_fn(self.net.encoder)
-    got = common.collect_maps(fn, state.variables(), source, self.transforms(False),
+    fn = common.map_fn(self.model.encoder)
+    got = common.collect_maps(fn, state.variables(), source, self.transforms(ctx.split),
                               batch_size=int(self.config.train.eval_batch_size),
                               limit=int(self.config.train.max_eval_examples))
     coarse = common.coarse_labels(got["label"], int(self.config.coarse.normal_class))

@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medrep_jax import methods
 from medrep_jax.data import loader
 from medrep_jax.models import cam, unet
-from medrep_jax.train import runs
 
 CLASS_NAMES = ("normal", "abnormal")
 
@@ -40,15 +40,11 @@ def map_fn(encoder, weighted: bool = True) -> Callable:
 
 
 def load_classifier(run_dir: str | pathlib.Path):
-  """(config, variables) of a finished stage-1 classifier run."""
+  """A finished stage-1 classifier run, its model rebuilt (`methods.load_trained`)."""
   if not run_dir:
     raise ValueError("classifier_from is empty: point it at a finished camcontrast "
                      "stage=classifier run (in the pipeline: 'stage:classifier')")
-  cfg, tree = runs.load_run(run_dir)
-  if cfg.get("stage", "") != "classifier":
-    raise ValueError(f"{run_dir} is a {cfg.method} run with stage={cfg.get('stage', '')!r}, "
-                     f"not a camcontrast stage=classifier run")
-  return cfg, {"params": tree["params"], **tree.get("model_state", {})}
+  return methods.load_trained(run_dir, method="camcontrast", stage="classifier")
 
 
 def collect_maps(fn: Callable, variables, source, transforms, *, batch_size: int,

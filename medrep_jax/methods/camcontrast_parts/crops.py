@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from medrep_jax.data.transforms import resize_image
+from medrep_jax.data.imageio import resize_image
 
 POSITIONS = ("TL", "TR", "BL", "BR", "C")
 STRATEGIES = ("five", "four", "none", "random")

@@ -23,12 +23,11 @@ import pathlib
 
 import numpy as np
 
-from medrep_jax.data import arrays, registry, transforms
+from medrep_jax.data import arrays
 from medrep_jax.data.sources import DataError, SourceInfo
 from medrep_jax.eval import figures as fig_lib
 from medrep_jax.methods import base
 from medrep_jax.methods.camcontrast_parts import classifier_stage, common, crops, heatmaps
-from medrep_jax.train import report as report_lib
 
 MANIFEST = "manifest.json"
 
@@ -91,13 +90,11 @@ def write_crops(workdir: str | pathlib.Path, split: str, images: np.ndarray,
 class HeatmapStage(base.Task):
   """Writes the crop dataset(s) of `config.heatmap.splits` and the heatmap figure."""
 
-  def run(self, workdir: pathlib.Path) -> dict:
-    c = self.config
-    ccfg, variables = common.load_classifier(c.classifier_from)
-    self.fn = common.map_fn(common.encoder_of(ccfg), weighted=bool(c.heatmap.weighted))
-    self.variables = variables
-    self.tfs = transforms.build_transforms(c.data, train=False)
-    workdir = pathlib.Path(workdir)
+  def run(self) -> base.Result:
+    c, workdir = self.config, self.workdir
+    classifier = common.load_classifier(c.classifier_from)
+    self.fn = common.map_fn(classifier.model.encoder, weighted=bool(c.heatmap.weighted))
+    self.variables = classifier.variables
     result = {}
     for split in c.heatmap.splits:
       got, coarse, hm = self._heatmaps(split)
@@ -113,16 +110,16 @@ class HeatmapStage(base.Task):
                          options={k: c.heatmap[k] for k in c.heatmap if k != "splits"})
       result[f"{split}/num_crops"] = meta["num_crops"]
     figure = self._figure(workdir)
-    report_lib.write_report(workdir, c, result, {"heatmaps": figure}, [
+    return base.Result(result, {"heatmaps": figure}, [
         f"Crop dataset: `{workdir}/crops_<split>.npz` ({c.crops.strategy} crops), "
         f"manifest `{MANIFEST}`."])
-    return result
 
   def _heatmaps(self, split: str, limit: int = 0):
     """(collected maps, coarse labels, `heatmaps.make_heatmaps` output) of a split."""
     c = self.config
-    got = common.collect_maps(self.fn, self.variables, registry.get_source(c.data, split),
-                              self.tfs, batch_size=int(c.train.eval_batch_size), limit=limit)
+    got = common.collect_maps(self.fn, self.variables, self.make_source(split),
+                              self.transforms(split), batch_size=int(c.train.eval_batch_size),
+                              limit=limit)
     coarse = common.coarse_labels(got["label"], int(c.coarse.normal_class))
     hm = heatmaps.make_heatmaps(got["maps"], coarse, got["image"],
                                 heatmaps.options_from_config(c.heatmap))

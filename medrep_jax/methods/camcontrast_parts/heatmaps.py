@@ -40,7 +40,7 @@ class HeatmapOptions:
 
 
 def options_from_config(heatmap_cfg) -> HeatmapOptions:
-  """The `HeatmapOptions` of a config's `heatmap` block (presets/camcontrast.py)."""
+  """The `HeatmapOptions` of a config's `heatmap` block (configs/camcontrast.py)."""
   return HeatmapOptions(negative_suppression=bool(heatmap_cfg.negative_suppression),
                         background_suppression=bool(heatmap_cfg.background_suppression),
                         foreground_threshold=float(heatmap_cfg.foreground_threshold))

@@ -1,7 +1,7 @@
 """Linear evaluation of a frozen encoder at several label fractions (CAMContrast Table 8).
 
 The encoder of `encoder_from` (any run with an `encoder` subtree) embeds the train split
-and the held-out `eval.split` of `config.data` once (`eval.feature_nets.EncoderFeatures`:
+and the held-out `eval.split` of `config.data` once (`eval.feature_nets.encoder_features`:
 GAP of the last feature map). For each label fraction, a class-stratified subset of the
 train features (`data.subsets.label_fraction`, seeded) fits a logistic-regression probe
 (`eval.probes.linear_probe`, L-BFGS on standardized features), which is scored on the
@@ -13,14 +13,13 @@ layer trained by SGD on the frozen encoder, with augmentation) is `finetune` wit
 """
 from __future__ import annotations
 
-import pathlib
 
 import numpy as np
 
-from medrep_jax.data import loader, registry, subsets, transforms
-from medrep_jax.eval import feature_nets, probes
+from medrep_jax import methods
+from medrep_jax.data import loader, subsets
+from medrep_jax.eval import probes
 from medrep_jax.methods import base
-from medrep_jax.train import report as report_lib
 
 
 def fraction_name(fraction: float) -> str:
@@ -33,9 +32,8 @@ class LinearEvalStage(base.Task):
 
   def _split(self, split: str):
     c = self.config
-    source = registry.get_source(c.data, split)
-    got = loader.collect(source, transforms.build_transforms(c.data, train=False),
-                         batch_size=int(c.train.eval_batch_size))
+    source = self.make_source(split)
+    got = loader.collect(source, self.transforms(split), batch_size=int(c.train.eval_batch_size))
     labels = np.asarray(got["label"])
     if labels.ndim != 1:
       raise ValueError(f"linear_eval probes single-label data; {c.data.name!r} has labels of "
@@ -43,12 +41,13 @@ class LinearEvalStage(base.Task):
                        f"encoder, BCE) for multi-label data")
     return source, got["image"], labels
 
-  def run(self, workdir: pathlib.Path) -> dict:
+  def run(self) -> base.Result:
     c, e = self.config, self.config.eval
     if not c.encoder_from:
       raise ValueError("encoder_from is empty: point it at a pretraining run (in the "
                        "pipeline: 'stage:pretrain')")
-    embed = feature_nets.EncoderFeatures(c.encoder_from, batch_size=int(c.train.eval_batch_size))
+    embed = methods.feature_net("encoder", c.encoder_from,
+                                batch_size=int(c.train.eval_batch_size))
     source, x_train, y_train = self._split("train")
     _, x_test, y_test = self._split(e.split)
     f_train, f_test = embed(x_train), embed(x_test)
@@ -69,6 +68,5 @@ class LinearEvalStage(base.Task):
     table = ["| encoder | " + " | ".join(header) + " |", "|---|" + "---|" * len(names),
              f"| `{c.encoder_from}` | "
              + " | ".join(f"{100 * result[f'auc_{n}']:.2f}" for n in names) + " |"]
-    report_lib.write_report(workdir, c, result, {}, [
+    return base.Result(result, {}, [
         f"## Linear evaluation ({e.split} split, AUC-ROC %, frozen features)", "", *table])
-    return result

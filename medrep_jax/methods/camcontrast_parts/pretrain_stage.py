@@ -27,11 +27,9 @@ import optax
 from medrep_jax.data import augment, transforms
 from medrep_jax.losses import contrastive as cl
 from medrep_jax.losses import segmentation as seg_losses
-from medrep_jax.methods import ssl_base
+from medrep_jax.methods import base, ssl_base
 from medrep_jax.methods.camcontrast_parts import common, crops, heatmap_stage
 from medrep_jax.models import cam, heads
-from medrep_jax.train import optim
-from medrep_jax.train.state import TrainState
 
 OBJECTIVES = ("image_heatmap", "nt_xent", "supcon", "ce")
 DATA_SOURCES = ("crops", "images")
@@ -71,8 +69,8 @@ class PretrainNet(nn.Module):
 class PretrainStage(ssl_base.PretrainMethod):
   """One step for CAMContrast and every baseline; see the module docstring."""
 
-  def __init__(self, config):
-    super().__init__(config)
+  def __init__(self, config, workdir=None, mesh=None):
+    super().__init__(config, workdir, mesh)
     l = config.loss
     if l.objective not in OBJECTIVES:
       raise ValueError(f"loss.objective={l.objective!r}; expected one of {OBJECTIVES}")
@@ -98,10 +96,10 @@ class PretrainStage(ssl_base.PretrainMethod):
     self.check_data(len(source))
     return source
 
-  def transforms(self, train: bool) -> list:
-    if train and self.uses_crops:  # crops are stored at their final size
+  def transforms(self, split: str) -> list:
+    if split == "train" and self.uses_crops:  # crops are stored at their final size
       return [transforms.Normalize(mode="unit")]
-    return super().transforms(train)
+    return super().transforms(split)
 
   @property
   def random_crop(self) -> bool:
@@ -110,13 +108,13 @@ class PretrainStage(ssl_base.PretrainMethod):
 
   # ---- model
   @functools.cached_property
-  def net(self) -> PretrainNet:
+  def model(self) -> PretrainNet:
     c, m = self.config, self.config.model
     dtype = jnp.dtype(c.dtype)
 
     def projector():
-      return heads.MLPProjector(hidden_dim=int(m.mlp_hidden), out_dim=int(m.embed_dim),
-                                dtype=dtype)
+      return heads.make_projector("mlp", hidden_dim=int(m.mlp_hidden),
+                                  out_dim=int(m.embed_dim), dtype=dtype)
 
     kw = {}
     if c.loss.objective == "ce":
@@ -128,10 +126,6 @@ class PretrainStage(ssl_base.PretrainMethod):
       kw["heatmap_projector"] = projector()
     return PretrainNet(encoder=common.encoder_of(c), **kw)
 
-  @functools.cached_property
-  def tx(self):
-    return optim.make_optimizer(self.config.optim, int(self.config.train.num_steps))[0]
-
   def _inputs(self, batch, rng):
     """(image crops, heatmap crops or None) of the batch."""
     x, h = batch["image"], batch.get("heatmap")
@@ -139,12 +133,9 @@ class PretrainStage(ssl_base.PretrainMethod):
       x, h = crops.random_aligned_crops(rng, x, h, int(self.manifest.get("stride", 1)))
     return x, h
 
-  def init_state(self, rng, batch):
+  def init_variables(self, rng, batch):
     x, h = self._inputs(batch, jax.random.key(0))
-    variables = self.net.init(rng, x, h, train=False)
-    params = variables.pop("params")
-    return TrainState.create(params=params, tx=self.tx, apply_fn=self.net.apply,
-                             model_state=dict(variables))
+    return self.model.init(rng, x, h, train=False)
 
   # ---- step
   def _labels(self, batch):
@@ -155,40 +146,37 @@ class PretrainStage(ssl_base.PretrainMethod):
     return jnp.any(labels > 0, -1).astype(jnp.int32) if labels.ndim == 2 else labels
 
   def loss(self, params, model_state, batch, x, h, rng):
-    """(loss, batch-stat updates) of the configured objective on crops x (and heatmaps h)."""
+    """(loss, {"updates": batch stats}) of the configured objective on crops x (and
+    heatmaps h)."""
     c, l = self.config, self.config.loss
     variables = {"params": params, **model_state}
     policy, idx, tau = c.augment.policy, batch["index"], float(l.temperature)
-    apply = functools.partial(self.net.apply, variables, mutable=["batch_stats"])
+    apply = functools.partial(self.model.apply, variables, mutable=["batch_stats"])
     if l.objective == "image_heatmap":  # eq. 5, Algorithm 1
       v = augment.augment_batch(policy, rng, x, indices=idx)
       (z1, z2), updates = apply(v, h, True, method=PretrainNet.pair)
-      return jnp.mean(cl.nt_xent(z1, z2, tau)), updates
+      return jnp.mean(cl.nt_xent(z1, z2, tau)), {"updates": updates}
     if l.objective == "ce":
       v = augment.augment_batch(policy, rng, x, indices=idx)
       logits, updates = apply(v, True, method=PretrainNet.embed)
       labels = self._labels(batch)
-      return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels)), updates
+      loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+      return loss, {"updates": updates}
     views = augment.make_views(rng, x, policy, 2, indices=idx)
     b = x.shape[0]
     z, updates = apply(views.reshape((2 * b,) + views.shape[2:]), True,
                        method=PretrainNet.embed)
     if l.objective == "nt_xent":
-      return jnp.mean(cl.nt_xent(z[:b], z[b:], tau)), updates
+      return jnp.mean(cl.nt_xent(z[:b], z[b:], tau)), {"updates": updates}
     both = jnp.tile(self._labels(batch), 2)
     per = cl.supcon(z, both, tau)
-    return seg_losses.reduce_batch(per, cl.has_positive(both).astype(jnp.float32)), updates
+    loss = seg_losses.reduce_batch(per, cl.has_positive(both).astype(jnp.float32))
+    return loss, {"updates": updates}
 
   def train_step(self, state, batch, rng):
     k_crop, k_aug = jax.random.split(rng)
     x, h = self._inputs(batch, k_crop)
 
-    def loss_fn(params):
-      return self.loss(params, state.model_state, batch, x, h, k_aug)
-
-    (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    state = state.apply_gradients(grads, model_state={**state.model_state, **updates})
-    return state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-
-  def features(self, state, images):
-    return self.net.apply(state.variables(), images, method=PretrainNet.features)
+    state, metrics, _ = base.gradient_step(
+        state, lambda params: self.loss(params, state.model_state, batch, x, h, k_aug))
+    return state, metrics

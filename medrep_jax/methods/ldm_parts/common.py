@@ -13,8 +13,8 @@ from tqdm.auto import tqdm
 from medrep_jax import diffusion
 from medrep_jax.data import loader
 from medrep_jax.models import diffusion_unet, vae
-from medrep_jax.train import mesh as mesh_lib
-from medrep_jax.train import runs
+from medrep_jax import methods
+from medrep_jax.core import mesh as mesh_lib
 
 
 def _overrides(model_cfg) -> dict:
@@ -38,12 +38,13 @@ class LoadedVAE:
     if not run_dir:
       raise ValueError("vae_from is empty: point it at a finished `ldm` stage=vae run "
                        "(in the pipeline: 'stage:vae')")
-    cfg, tree = runs.load_run(run_dir)
-    self.run_dir = pathlib.Path(run_dir)
+    trained = methods.load_trained(run_dir, method="ldm", stage="vae")
+    cfg = trained.config
+    self.run_dir = trained.run.path
     self.channels = int(cfg.data.channels)
     self.image_size = int(cfg.data.image_size)
-    self.model = build_vae(cfg.model, self.channels)
-    self.params = tree["params"]
+    self.model = trained.model
+    self.params = trained.run.params
     self.latent_channels = self.model.latent_channels
     self.latent_size = self.image_size // self.model.downsample_factor
     model = self.model
@@ -94,27 +95,25 @@ def latent_unet(config, latent_channels: int) -> diffusion_unet.DiffusionUNet:
 
 
 def sample_images(unet, sched, loaded_vae: LoadedVAE, params, scale_factor, latent_shift,
-                  config, *,
-                  num: int, seed: int, num_steps: int, sampler: str = "ddim",
-                  mesh=None, progress: bool = False) -> np.ndarray:
+                  sample_cfg, parameterization: str, *, num: int, seed: int, num_steps: int,
+                  sampler: str = "ddim", mesh, progress: bool = False) -> np.ndarray:
   """`num` decoded samples in [0, 1] (N, H, W, C), sampled in batches sharded on "data".
 
   Latents are un-normalized as z = x / scale_factor + latent_shift before decoding.
 
-  One compilation serves every batch: the batch size is fixed (`config.sample.batch_size`)
-  and the last batch is padded.
+  One compilation serves every batch: the batch size is fixed (`sample_cfg.batch_size`)
+  and the last batch is padded. `sample_cfg` also gives `eta` (DDIM) and `clip_x0`.
   """
-  mesh = mesh if mesh is not None else mesh_lib.make_mesh(config.mesh)
   n_dev = mesh.shape[mesh_lib.DATA]
-  batch = int(config.sample.batch_size)
+  batch = int(sample_cfg.batch_size)
   batch = max(n_dev, (batch // n_dev) * n_dev)
   s = loaded_vae.latent_size
   shape = (batch, s, s, loaded_vae.latent_channels)
   sharding = NamedSharding(mesh, P(mesh_lib.DATA))
-  kwargs = dict(parameterization=config.diffusion.parameterization, sharding=sharding)
+  kwargs = dict(parameterization=parameterization, sharding=sharding)
   if sampler == "ddim":
-    kwargs.update(num_steps=num_steps, eta=float(config.sample.eta))
-  clip = float(config.sample.get("clip_x0", 0.0))
+    kwargs.update(num_steps=num_steps, eta=float(sample_cfg.eta))
+  clip = float(sample_cfg.get("clip_x0", 0.0))
   if clip > 0:  # clip x0_hat of the normalized latents (unit variance) at every step
     kwargs["clip_x0"] = clip
   sample = diffusion.make_sampler(lambda p, x, t, c: unet.apply({"params": p}, x, t),

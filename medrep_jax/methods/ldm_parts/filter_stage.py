@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import csv
 import os
-import pathlib
 
 import jax
 import numpy as np
 
-from medrep_jax.data import arrays, loader, readers, registry, transforms
-from medrep_jax.eval import feature_nets, generative
+from medrep_jax import methods
+from medrep_jax.data import arrays, loader, readers
 from medrep_jax.eval import figures as fig_lib
+from medrep_jax.eval import generative
 from medrep_jax.methods import base
-from medrep_jax.train import report as report_lib
 
 
 def pairwise_sq_dists(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -61,16 +60,13 @@ def memorization(fake: np.ndarray, real: np.ndarray, *, copy_quantile: float,
 class FilterStage(base.Task):
   """Scores, filters and writes the accepted synthetic images."""
 
-  def run(self, workdir: pathlib.Path) -> dict:
-    c, f = self.config, self.config.filter
-    workdir = pathlib.Path(workdir)
-    tfs = transforms.build_transforms(c.data, train=False)
+  def run(self) -> base.Result:
+    c, f, workdir = self.config, self.config.filter, self.workdir
+    tfs = self.transforms("train")
     synth_src = readers.ImageFolder(c.synthetic_dir, "all", channels=int(c.data.channels))
     fake = loader.collect(synth_src, tfs)["image"]
-    real = loader.collect(registry.get_source(c.data, "train"), tfs,
-                          limit=int(f.max_real))["image"]
-    net = feature_nets.make_feature_net(c.eval.feature_net,
-                                        c.eval.feature_net_path or c.vae_from)
+    real = loader.collect(self.make_source("train"), tfs, limit=int(f.max_real))["image"]
+    net = methods.feature_net(c.eval.feature_net, c.eval.feature_net_path or c.vae_from)
     f_fake, f_real = net(fake), net(real)
     realism = realism_scores(f_fake, f_real, int(f.k))
     nn_dist, nn_idx, threshold = memorization(fake, real, copy_quantile=float(f.copy_quantile),
@@ -91,11 +87,10 @@ class FilterStage(base.Task):
     if n_keep >= 2 and len(fake) >= 2:
       result["fd_all"] = generative.fd(f_real, f_fake)
       result["fd_accepted"] = generative.fd(f_real, f_fake[accepted])
-    report_lib.write_report(workdir, c, result, {"accepted vs rejected": fig}, [
+    return base.Result(result, {"accepted vs rejected": fig}, [
         f"Feature network: {net.label}.",
         f"Accepted images: `{workdir / 'images'}` (`data.name=image_folder`). "
         f"Scores per image: `scores.csv`."])
-    return result
 
   @staticmethod
   def _write_scores(path, source, realism, nn_dist, copy, accepted):

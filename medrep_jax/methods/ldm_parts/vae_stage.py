@@ -7,6 +7,7 @@ The discriminator's parameters and optimizer state are explicit fields of
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -19,8 +20,7 @@ from medrep_jax.losses import vae as vae_losses
 from medrep_jax.methods import base
 from medrep_jax.methods.ldm_parts import common
 from medrep_jax.models import vae
-from medrep_jax.train import optim
-from medrep_jax.train.state import TrainState
+from medrep_jax.core import optim
 
 
 def psnr(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -32,26 +32,30 @@ def psnr(x: jax.Array, y: jax.Array) -> jax.Array:
 class VAEStage(base.Method):
   """Trains `AutoencoderKL` (+ `PatchDiscriminator` when `model.disc_weight > 0`)."""
 
-  def __init__(self, config):
-    super().__init__(config)
+  def __init__(self, config, workdir=None, mesh=None):
+    super().__init__(config, workdir, mesh)
     m = config.model
-    self.model = common.build_vae(m, int(config.data.channels), jnp.dtype(config.dtype))
     self.use_disc = float(m.disc_weight) > 0
     self.disc = vae.PatchDiscriminator(base_width=int(m.disc_width)) if self.use_disc else None
-    num_steps = int(config.train.num_steps)
-    self.tx, _ = optim.make_optimizer(config.optim, num_steps)
-    self.disc_tx, _ = optim.make_optimizer(config.optim, num_steps)
 
-  def init_state(self, rng, batch):
-    x = batch["image"] * 2.0 - 1.0
-    k_model, k_disc = jax.random.split(rng)
-    params = self.model.init(k_model, x)["params"]
-    extras = {}
-    if self.use_disc:
-      disc_params = self.disc.init(k_disc, x)["params"]
-      extras = {"disc_params": disc_params, "disc_opt_state": self.disc_tx.init(disc_params)}
-    return TrainState.create(params=params, tx=self.tx, apply_fn=self.model.apply,
-                             extras=extras)
+  @functools.cached_property
+  def model(self) -> vae.AutoencoderKL:
+    return common.build_vae(self.config.model, int(self.config.data.channels),
+                            jnp.dtype(self.config.dtype))
+
+  @functools.cached_property
+  def disc_tx(self):
+    return optim.make_optimizer(self.config.optim, int(self.config.train.num_steps))[0]
+
+  def init_variables(self, rng, batch):
+    return self.model.init(jax.random.split(rng)[0], batch["image"] * 2.0 - 1.0)
+
+  def init_extras(self, rng, batch, params, model_state):
+    """The discriminator's parameters and optimizer state, when the GAN term is on."""
+    if not self.use_disc:
+      return {}
+    disc_params = self.disc.init(jax.random.split(rng)[1], batch["image"] * 2.0 - 1.0)["params"]
+    return {"disc_params": disc_params, "disc_opt_state": self.disc_tx.init(disc_params)}
 
   def train_step(self, state, batch, rng):
     m = self.config.model
@@ -67,28 +71,26 @@ class VAEStage(base.Method):
         g = vae_losses.g_loss(self.disc.apply({"params": state.extras["disc_params"]}, x_rec))
         loss = loss + gan_w * g
         metrics = {**metrics, "g_loss": g}
-      return loss, (metrics, x_rec)
+      return loss, {"metrics": metrics, "x_rec": x_rec}
 
-    (loss, (metrics, x_rec)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
+    new_state, metrics, aux = base.gradient_step(state, loss_fn)
+    if not self.use_disc:
+      return new_state, metrics
     extras = state.extras
-    if self.use_disc:
-      fake = jax.lax.stop_gradient(x_rec)
+    fake = jax.lax.stop_gradient(aux["x_rec"])
 
-      def d_loss_fn(dp):
-        return vae_losses.d_hinge_loss(self.disc.apply({"params": dp}, x),
-                                       self.disc.apply({"params": dp}, fake))
+    def d_loss_fn(dp):
+      return vae_losses.d_hinge_loss(self.disc.apply({"params": dp}, x),
+                                     self.disc.apply({"params": dp}, fake))
 
-      d_loss, d_grads = jax.value_and_grad(d_loss_fn)(extras["disc_params"])
-      # The discriminator trains only once the GAN term is on (gan_w > 0).
-      d_grads = jax.tree.map(lambda g: g * (gan_w > 0), d_grads)
-      updates, d_opt = self.disc_tx.update(d_grads, extras["disc_opt_state"],
-                                           extras["disc_params"])
-      extras = {"disc_params": optax.apply_updates(extras["disc_params"], updates),
-                "disc_opt_state": d_opt}
-      metrics = {**metrics, "d_loss": d_loss}
-    state = state.apply_gradients(grads, extras=extras)
-    return state, {"loss": loss, **metrics}
+    d_loss, d_grads = jax.value_and_grad(d_loss_fn)(extras["disc_params"])
+    # The discriminator trains only once the GAN term is on (gan_w > 0).
+    d_grads = jax.tree.map(lambda g: g * (gan_w > 0), d_grads)
+    updates, d_opt = self.disc_tx.update(d_grads, extras["disc_opt_state"],
+                                         extras["disc_params"])
+    extras = {"disc_params": optax.apply_updates(extras["disc_params"], updates),
+              "disc_opt_state": d_opt}
+    return new_state.replace(extras=extras), {**metrics, "d_loss": d_loss}
 
   def eval_step(self, state, batch):
     x = batch["image"]
@@ -103,11 +105,11 @@ class VAEStage(base.Method):
     figs = {}
     if ctx.final:
       figs["reconstructions"] = self._figure(outputs["index"][:8], state, ctx)
-    return metrics, figs
+    return base.Result(metrics, figs)
 
   def _figure(self, indices, state, ctx) -> str:
     from medrep_jax.data import transforms  # pylint: disable=g-import-not-at-top
-    source, tfs = self.make_source(ctx.split), self.transforms(False)
+    source, tfs = self.make_source(ctx.split), self.transforms(ctx.split)
     x = np.stack([transforms.apply_transforms(source[int(i)], tfs)["image"]
                   for i in indices])
     x_rec, _ = jax.jit(lambda p, v: self.model.apply({"params": p}, v,

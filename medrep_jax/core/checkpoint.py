@@ -10,7 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from medrep_jax.train import state as state_lib
+from medrep_jax.core import state as state_lib
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def find_checkpoint_dir(path: str | pathlib.Path) -> pathlib.Path:
   orbax reads metadata only from absolute paths)."""
   p = pathlib.Path(path).expanduser().absolute()
   if not p.exists():
-    raise FileNotFoundError(f"init_from: {p} does not exist")
+    raise FileNotFoundError(f"{p} does not exist")
   for candidate in (p / "checkpoints", p):
     if candidate.is_dir():
       steps = sorted((int(d.name), d) for d in candidate.iterdir()
@@ -99,7 +99,7 @@ def find_checkpoint_dir(path: str | pathlib.Path) -> pathlib.Path:
         return steps[-1][1]
   if (p / "state").is_dir():
     return p
-  raise FileNotFoundError(f"init_from: no orbax checkpoint found under {p} (expected "
+  raise FileNotFoundError(f"no orbax checkpoint found under {p} (expected "
                           f"{p}/checkpoints/<step>/state)")
 
 

@@ -5,7 +5,7 @@ bank is visible to checkpointing and sharding alike (DESIGN.md, principle 2).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +23,9 @@ class TrainState(struct.PyTreeNode):
     opt_state: the optax state of `tx`.
     model_state: non-trained collections of the model, e.g. `{"batch_stats": ...}`.
     extras: method-owned state, e.g. `{"momentum_params": ..., "bank": ..., "ema": ...}`.
-    tx: the optax transformation (static).
-    apply_fn: the model's apply function (static).
+    tx: the optax transformation (static). It stays in the state so that one update rule
+      goes with one set of optimizer statistics; the model is not here: a method owns it
+      (`Method.model`), and the state is only data.
   """
   step: jax.Array
   params: Any
@@ -32,12 +33,11 @@ class TrainState(struct.PyTreeNode):
   model_state: Any = struct.field(default_factory=dict)
   extras: Any = struct.field(default_factory=dict)
   tx: optax.GradientTransformation = struct.field(pytree_node=False, default=None)
-  apply_fn: Callable = struct.field(pytree_node=False, default=None)
 
   @classmethod
-  def create(cls, *, params, tx, apply_fn=None, model_state=None, extras=None) -> "TrainState":
+  def create(cls, *, params, tx, model_state=None, extras=None) -> "TrainState":
     return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-               model_state=model_state or {}, extras=extras or {}, tx=tx, apply_fn=apply_fn)
+               model_state=model_state or {}, extras=extras or {}, tx=tx)
 
   def apply_gradients(self, grads, **changes) -> "TrainState":
     """One optimizer update; `changes` replace other fields (e.g. model_state)."""

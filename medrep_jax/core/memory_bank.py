@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from medrep_jax.train.mesh import DATA
+from medrep_jax.core.mesh import DATA
 
 
 def bank_sharding(mesh: Mesh) -> NamedSharding:

@@ -1,1 +1,0 @@
-"""Config builders shared by the thin files in `configs/` (which parse variant args)."""
