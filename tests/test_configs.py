@@ -79,3 +79,13 @@ def test_finetune_small_is_the_quickstart_scale():
     small = load_config("finetune", f"size=small,task={task}")
     assert quick[stage].train.to_dict() == small.train.to_dict()
     assert quick[stage].model.encoder == small.model.encoder == "resnet_tiny"
+
+
+def test_frozen_classification_uses_the_linear_probe_protocol():
+  frozen = load_config("finetune", "data=phantoms,freeze=True")
+  assert frozen.model.head_norm and frozen.optim.name == "sgd" and frozen.optim.lr == 0.1
+  assert frozen.optim.weight_decay == 0.0
+  full = load_config("finetune", "size=tiny,data=phantoms")
+  assert not full.model.head_norm and full.optim.name == "adamw"
+  seg = load_config("finetune", "size=tiny,data=phantoms,freeze=True,task=segmentation")
+  assert not seg.model.head_norm and seg.optim.name == "adamw"

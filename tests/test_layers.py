@@ -13,13 +13,13 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "medrep_jax"
 
 # Low to high. A module may import its own layer and the layers below it.
 LAYERS = (
-    ("xla_flags", "config_lib"),
+    ("xla_flags", "config_lib", "errors"),
     ("core", "data", "diffusion", "models"),
     ("losses",),
     ("eval",),
     ("methods",),
-    ("train",),
-    ("main",),
+    ("train", "inference", "export"),
+    ("main", "predict", "evaluate"),
 )
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
 

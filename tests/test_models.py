@@ -265,3 +265,23 @@ def test_tiny_unet_overfits_tiny_batch():
     params, stats, opt_state, loss = step(params, stats, opt_state)
     losses.append(float(loss))
   assert losses[-1] < losses[0] / 5, (losses[0], losses[-1])
+
+
+def test_classifier_head_norm_standardizes_pooled_features(tiny_vars):
+  """head_norm: a BatchNorm without scale/bias on the pooled features (linear probing)."""
+  model = unet.Classifier(num_classes=2, encoder=unet.get_encoder("resnet_tiny", small_input=True),
+                          train_encoder=False, head_norm=True)
+  x = _normal(7, (16, 32, 32, 3)) * 3.0 + 1.0
+  variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(x)
+  assert "head_norm" not in variables["params"]  # no affine parameters
+  assert set(variables["batch_stats"]["head_norm"]) == {"mean", "var"}
+  _, feats = model.apply(variables, x, train=False, return_features=True)
+  pooled = np.asarray(feats["pooled"], np.float64)
+  (logits, _), updates = model.apply(variables, x, train=True, return_features=True,
+                                     mutable=["batch_stats"])
+  z = (pooled - pooled.mean(0)) / np.sqrt(pooled.var(0) + 1e-6)
+  head = variables["params"]["head"]
+  np.testing.assert_allclose(np.asarray(logits), z @ np.asarray(head["kernel"]) + np.asarray(head["bias"]),
+                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(updates["batch_stats"]["head_norm"]["mean"]),
+                             0.1 * pooled.mean(0), rtol=1e-4, atol=1e-6)

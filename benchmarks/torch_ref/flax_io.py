@@ -5,9 +5,14 @@ The torch reference models name every submodule as its flax counterpart
 so one path walk maps every tensor:
 
 * ``Conv2d.weight`` <- ``kernel`` (HWIO -> OIHW; depth-wise HW1C -> C1HW);
+* ``ConvTranspose2d.weight`` <- ``kernel`` (flipped HWIO -> IOHW);
 * ``Linear.weight`` <- ``kernel`` ((in axes..., out axes...) -> (out, in));
 * norm ``weight`` <- ``scale``; ``bias`` <- ``bias`` (flattened);
 * BatchNorm ``running_mean`` / ``running_var`` <- ``batch_stats`` mean / var.
+
+The layouts are those of ``medrep_jax.export`` (``torch_kernel``, ``TORCH_STATS``), which
+writes whole state dicts from the flax side; this walks the torch side, so a torch model
+may hold a subset of the flax variables and keep its own running statistics.
 
 Used by tests that check the torch reference computes the JAX function on the
 same weights, so a speed ratio compares frameworks, not architectures.
@@ -20,7 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-_STATS = {"running_mean": "mean", "running_var": "var"}
+from medrep_jax.export import TORCH_STATS, torch_kernel
+
+_STATS = {torch_name: flax_name for flax_name, torch_name in TORCH_STATS.items()}
 
 
 def _walk(tree: Mapping[str, Any], path: list[str], full: str) -> Mapping[str, Any]:
@@ -32,12 +39,6 @@ def _walk(tree: Mapping[str, Any], path: list[str], full: str) -> Mapping[str, A
   return node
 
 
-def _linear_weight(kernel: np.ndarray, shape: torch.Size) -> np.ndarray:
-  # flax Dense/DenseGeneral kernels are (input axes..., output axes...).
-  out_dim, in_dim = shape
-  return kernel.reshape(in_dim, out_dim).T
-
-
 def _value(module: nn.Module, leaf: str, node: Mapping[str, Any],
            shape: torch.Size) -> np.ndarray:
   if leaf == "bias":
@@ -46,9 +47,11 @@ def _value(module: nn.Module, leaf: str, node: Mapping[str, Any],
     return np.asarray(node["scale"])
   kernel = np.asarray(node["kernel"])
   if isinstance(module, nn.Conv2d):
-    return kernel.transpose(3, 2, 0, 1)
+    return torch_kernel(kernel, "conv")
+  if isinstance(module, nn.ConvTranspose2d):
+    return torch_kernel(kernel, "conv_transpose")
   if isinstance(module, nn.Linear):
-    return _linear_weight(kernel, shape)
+    return torch_kernel(kernel, "linear", shape)
   raise TypeError(f"cannot map a flax kernel onto {type(module).__name__}")
 
 

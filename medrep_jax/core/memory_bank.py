@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from medrep_jax.config_lib import ConfigError
 from medrep_jax.core.mesh import DATA
 
 
@@ -40,30 +41,39 @@ def bank_sharding(mesh: Mesh) -> NamedSharding:
 
 def check_bank(num_keys: int, global_batch: int, dataset_size: int | None = None,
                n_devices: int = 1) -> None:
-  """Raises ValueError unless the bank size K fits the batch, the devices and the data.
+  """Raises ConfigError unless the bank size K fits the batch, the devices and the data.
+
+  The messages name the config fields that fix them (`loss.bank_size`,
+  `train.batch_size`).
 
   Args:
-    num_keys: K, the number of keys in the bank.
-    global_batch: B, keys enqueued per step (the global batch).
+    num_keys: K, the number of keys in the bank (`loss.bank_size`).
+    global_batch: B, keys enqueued per step (the global batch, `train.batch_size`).
     dataset_size: number of training examples, or None if unknown (check skipped).
     n_devices: size of the "data" mesh axis the bank is sharded over.
   """
   if num_keys <= 0 or global_batch <= 0 or n_devices <= 0:
-    raise ValueError(f"memory bank: K={num_keys}, batch={global_batch} and "
-                     f"devices={n_devices} must be positive")
+    raise ConfigError(f"memory bank: K={num_keys} (loss.bank_size), batch={global_batch} "
+                      f"(train.batch_size) and devices={n_devices} must be positive")
   if global_batch % n_devices:
-    raise ValueError(f"memory bank: the global batch {global_batch} must be divisible by "
-                     f"the {n_devices} devices on the '{DATA}' axis")
+    raise ConfigError(f"memory bank: the global batch {global_batch} must be divisible by "
+                      f"the {n_devices} devices on the '{DATA}' axis; set train.batch_size "
+                      f"to a multiple of {n_devices}")
   if num_keys % n_devices:
-    raise ValueError(f"memory bank: K={num_keys} keys must be divisible by the {n_devices} "
-                     f"devices on the '{DATA}' axis (the bank is sharded along K)")
+    raise ConfigError(f"memory bank: K={num_keys} keys must be divisible by the {n_devices} "
+                      f"devices on the '{DATA}' axis (the bank is sharded along K); set "
+                      f"loss.bank_size to a multiple of {n_devices}")
   if num_keys % global_batch:
-    raise ValueError(f"memory bank: K={num_keys} keys must be divisible by the global "
-                     f"batch {global_batch}, so that a batch never wraps around the queue")
+    raise ConfigError(f"memory bank: K={num_keys} keys must be divisible by the global "
+                      f"batch {global_batch}, so that a batch never wraps around the queue; "
+                      f"set loss.bank_size to a multiple of train.batch_size={global_batch}")
   if dataset_size is not None and num_keys > dataset_size:
-    raise ValueError(f"memory bank: K={num_keys} keys exceed the {dataset_size} training "
-                     f"examples; the queue would hold stale copies of the same images. "
-                     f"Lower the bank size to at most {dataset_size}")
+    most = dataset_size - dataset_size % global_batch
+    raise ConfigError(f"memory bank: K={num_keys} keys exceed the {dataset_size} training "
+                      f"examples; the queue would hold stale copies of the same images. "
+                      f"Set loss.bank_size to at most {dataset_size}"
+                      f"{f' (a multiple of train.batch_size, e.g. {most})' if most > 0 else ''}"
+                      f", or use more training data")
 
 
 def init_bank(rng: jax.Array, num_keys: int, dim: int,

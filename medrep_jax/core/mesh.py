@@ -13,6 +13,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from medrep_jax.config_lib import ConfigError
+
 DATA = "data"
 MODEL = "model"
 
@@ -44,10 +46,10 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
   data = int(mesh_cfg.get("data", -1))
   if data == -1:
     if n % model:
-      raise ValueError(f"mesh.model={model} does not divide the {n} devices")
+      raise ConfigError(f"mesh.model={model} does not divide the {n} devices")
     data = n // model
   if data * model != n:
-    raise ValueError(f"mesh data={data} x model={model} needs {data * model} devices, "
+    raise ConfigError(f"mesh data={data} x model={model} needs {data * model} devices, "
                      f"but {n} are visible")
   return Mesh(np.asarray(devices).reshape(data, model), (DATA, MODEL))
 
@@ -63,10 +65,10 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def check_batch_size(global_batch: int, mesh: Mesh, what: str = "train.batch_size") -> None:
   n = mesh.shape[DATA]
   if global_batch % n:
-    raise ValueError(f"{what}={global_batch} must be divisible by the {n} devices on the "
+    raise ConfigError(f"{what}={global_batch} must be divisible by the {n} devices on the "
                      f"'data' mesh axis")
   if global_batch % jax.process_count():
-    raise ValueError(f"{what}={global_batch} must be divisible by the "
+    raise ConfigError(f"{what}={global_batch} must be divisible by the "
                      f"{jax.process_count()} processes")
 
 

@@ -41,8 +41,9 @@ class ArraySource:
     path = pathlib.Path(path)
     if not path.exists():
       raise DataError(f"cached arrays {path} not found")
+    from medrep_jax.data.readers import npz_array  # pylint: disable=g-import-not-at-top
     with np.load(path) as f:
-      return cls({k: f[k] for k in f.files}, info)
+      return cls({k: npz_array(f, path, k) for k in f.files}, info)
 
 
 def write_image_folder(images: np.ndarray, root: str | pathlib.Path, *,

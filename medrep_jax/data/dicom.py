@@ -3,14 +3,21 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 
 import numpy as np
 import pydicom
+import pydicom.errors
 
 from medrep_jax.data.readers import resolve_split
 from medrep_jax.data.sources import DataError, Record, Source, SourceInfo, carve_by_group
 
 PathLike = str | os.PathLike
+
+
+def _without_force_hint(e: Exception) -> str:
+  """pydicom's message without its "Use force=True" advice, which users cannot act on."""
+  return re.sub(r"\s*Use force=True[^.]*\.?", "", str(e)).strip() or type(e).__name__
 
 
 def to_hu(ds: pydicom.Dataset, pixels: np.ndarray) -> np.ndarray:
@@ -90,9 +97,13 @@ class DicomFolder(Source):
     try:
       ds = pydicom.dcmread(path)
       pixels = ds.pixel_array
+    except pydicom.errors.InvalidDicomError as e:
+      raise DataError(f"{path} is not a DICOM file (no DICOM header: the 'DICM' marker at "
+                      "byte 128 is missing). Remove it from the data folder, or set "
+                      "data.skip_corrupt=True to skip unreadable files") from e
     except Exception as e:  # pylint: disable=broad-except
-      raise DataError(f"cannot read DICOM {path}: {e}. Replace or delete the file, "
-                      "or pass skip_corrupt=True") from e
+      raise DataError(f"cannot read DICOM {path}: {_without_force_hint(e)}. Replace or "
+                      "delete the file, or set data.skip_corrupt=True to skip it") from e
     if int(ds.get("SamplesPerPixel", 1)) != 1:
       raise DataError(f"DICOM {path} has {ds.SamplesPerPixel} samples per pixel; "
                       "only greyscale (CT/MR/X-ray) is supported")

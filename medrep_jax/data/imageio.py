@@ -92,7 +92,7 @@ def decode_image(src: PathOrBytes, channels: int | None = None) -> np.ndarray:
   except Exception as e:  # pylint: disable=broad-except
     raise DataError(
         f"cannot decode image {_describe(src)}: {e}. Replace or delete the file, "
-        "or pass skip_corrupt=True to skip unreadable files") from e
+        "or set data.skip_corrupt=True to skip unreadable files") from e
   if arr.ndim == 2:
     arr = arr[..., None]
   return convert_channels(arr, channels)
@@ -130,7 +130,7 @@ def decode_mask(src: PathOrBytes, *, grey: bool) -> np.ndarray:
   except Exception as e:  # pylint: disable=broad-except
     raise DataError(
         f"cannot decode mask {_describe(src)}: {e}. Replace or delete the file, "
-        "or pass skip_corrupt=True") from e
+        "or set data.skip_corrupt=True") from e
   if arr.dtype != np.uint8:
     if arr.size and int(arr.max()) > 255:
       raise DataError(f"mask {_describe(src)} has values up to {int(arr.max())}; "

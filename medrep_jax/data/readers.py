@@ -142,7 +142,8 @@ class ImageMaskFolder(Source):
     if not len(keep):
       cls = "<class>/" if names else ""
       raise DataError(
-          f"no image/mask pairs for split {split!r} in {base}. Expected layout:\n"
+          f"no image/mask pairs for split {split!r} in {base} (data.image_dir={image_dir!r}, "
+          f"data.mask_dir={mask_dir!r}). Expected layout:\n"
           f"  {root}/{cls}{image_dir}/<stem>.jpg|png|...\n"
           f"  {root}/{cls}{mask_dir}/<stem>{mask_suffix}.png|jpg|...\n"
           f"(optionally inside {root}/{{train,val,test}}/)")
@@ -176,6 +177,11 @@ class ImageMaskFolder(Source):
 
   def _pair(self, folder: pathlib.Path, image_dir: str, mask_dir: str,
             suffix: str) -> list[tuple[pathlib.Path, pathlib.Path]]:
+    if imageio.list_images(folder / image_dir) and not (folder / mask_dir).is_dir():
+      present = sorted(p.name for p in folder.iterdir() if p.is_dir())
+      raise DataError(f"the mask folder {folder / mask_dir} does not exist (data.mask_dir="
+                      f"{mask_dir!r}); folders in {folder}: {present}. Set data.mask_dir to "
+                      f"the folder that holds the masks")
     masks = {}
     for p in imageio.list_images(folder / mask_dir):
       if p.stem.endswith(suffix):
@@ -185,8 +191,9 @@ class ImageMaskFolder(Source):
       if img.stem in masks:
         pairs.append((img, masks[img.stem]))
         continue
-      msg = (f"image {img} has no mask: expected {folder / mask_dir}/{img.stem}{suffix}.<ext>. "
-             "Add the mask, remove the image, or pass skip_corrupt=True")
+      msg = (f"image {img} has no mask: expected {folder / mask_dir}/{img.stem}{suffix}.<ext> "
+             f"(data.mask_dir={mask_dir!r}, data.mask_suffix={suffix!r}). Fix those fields, "
+             "add the mask, remove the image, or set data.skip_corrupt=True")
       if not self.skip_corrupt:
         raise DataError(msg)
       logging.warning("skip_corrupt: %s", msg)
@@ -225,6 +232,23 @@ class ImageMaskFolder(Source):
     return record
 
 
+def npz_array(npz, path: pathlib.Path, key: str) -> np.ndarray:
+  """`npz[key]`, with a DataError naming the file and key when it cannot be read (an
+  object array needs pickle, which medrep_jax never enables: it would run code)."""
+  try:
+    return np.asarray(npz[key])
+  except ValueError as e:
+    if "allow_pickle" in str(e):
+      raise DataError(
+          f"{path}: array {key!r} is stored as Python objects (dtype=object), which "
+          f"medrep_jax does not load because unpickling can run code. Save it as a numeric "
+          f"array instead, e.g. np.savez(..., {key}=np.stack(items).astype(np.uint8)) for "
+          f"images of one size") from e
+    raise DataError(f"cannot read array {key!r} from {path}: {e}") from e
+  except (OSError, zipfile.BadZipFile, EOFError) as e:
+    raise DataError(f"cannot read array {key!r} from {path} (damaged file?): {e}") from e
+
+
 def _npz_shape(path: pathlib.Path, key: str) -> tuple[int, ...]:
   """Shape of one array in an .npz, read from its .npy header (no decompression)."""
   with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
@@ -260,8 +284,8 @@ class MedMNIST(Source):
         if key not in keys:
           raise DataError(f"{self.path} has no key {key!r}; keys present: {keys}. A MedMNIST "
                           "file needs {train,val,test}_images and {train,val,test}_labels")
-      labels = np.asarray(npz[f"{split}_labels"])
-      all_labels = [np.asarray(npz[k]) for k in keys if k.endswith("_labels")]
+      labels = npz_array(npz, self.path, f"{split}_labels")
+      all_labels = [npz_array(npz, self.path, k) for k in keys if k.endswith("_labels")]
     img_shape = _npz_shape(self.path, f"{split}_images")
     if labels.ndim == 1:
       labels = labels[:, None]
@@ -303,7 +327,7 @@ class MedMNIST(Source):
   def _load(self, index: int) -> Record:
     if self._images is None:
       with np.load(self.path) as npz:
-        images = np.asarray(npz[f"{self.split}_images"])
+        images = npz_array(npz, self.path, f"{self.split}_images")
       if images.dtype != np.uint8:
         raise DataError(f"{self.path}: {self.split}_images has dtype {images.dtype}; "
                         "expected uint8")

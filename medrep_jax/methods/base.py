@@ -158,6 +158,22 @@ class Method(Stage):
     """
     return None
 
+  # ---- inference (`medrep_jax.load(workdir).predict`); pure, traced under jit
+  def predict(self, variables: dict, images: jax.Array) -> dict[str, jax.Array]:
+    """Predictions for preprocessed images (B, H, W, C): {"probs": ...} for classifiers,
+    {"mask": (B, H, W) uint8, "probs": ...} for segmenters. Stages that predict override
+    it (and build their `eval_step` on it, so the two cannot drift)."""
+    del variables, images
+    raise NotImplementedError(
+        f"a {self.config.method} stage {self.config.get('stage', '') or type(self).__name__!r}"
+        f" run cannot predict (it is neither a classifier nor a segmenter); see "
+        f"medrep_jax.load(workdir).info() for what it supports")
+
+  @property
+  def predict_classes(self) -> tuple[str, ...]:
+    """The names of what `predict` scores, one per probability column."""
+    return tuple(self.info.class_names)
+
   # ---- host side
   def evaluate(self, outputs: dict[str, np.ndarray], state, ctx: EvalContext) -> Result:
     """Metrics (and figures, at the final eval) from the gathered eval outputs."""

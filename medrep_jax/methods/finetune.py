@@ -75,7 +75,8 @@ class Finetune(base.Method):
     train_encoder = not self.config.freeze_encoder
     if self.task == "classification":
       return unet.Classifier(num_classes=self.num_outputs, encoder=encoder,
-                             train_encoder=train_encoder)
+                             train_encoder=train_encoder,
+                             head_norm=bool(m.get("head_norm", False)))
     return unet.UNet(num_classes=self.num_outputs, encoder=encoder,
                      decoder_widths=tuple(m.decoder_widths), norm=m.norm, dtype=self.dtype,
                      train_encoder=train_encoder)
@@ -124,21 +125,41 @@ class Finetune(base.Method):
     loss, metrics = self.loss(logits, batch)
     return loss, {"metrics": metrics, "updates": updates}
 
-  def eval_step(self, state, batch):
-    logits = self.model.apply(state.variables(), batch["image"], train=False)
-    out = {"index": batch["index"]}
+  # ---- inference (the eval step and `medrep_jax.load(...).predict` share it)
+  def predict(self, variables, images: jax.Array) -> dict[str, jax.Array]:
+    """Classification: {"probs": (B, K)}, sigmoid for BCE (eq. 8), softmax for CE.
+
+    Segmentation: {"mask": (B, H, W) uint8, "probs": foreground probability (B, H, W)
+    for one output channel, or class probabilities (B, H, W, K)}, at the input size.
+    """
+    logits = self.model.apply(variables, images, train=False)
     if self.task == "classification":
       if self.config.loss == "bce":
-        probs = jax.nn.sigmoid(logits)
-      else:
-        probs = jax.nn.softmax(logits)
-      out.update(probs=probs, label=batch["label"])
+        return {"probs": jax.nn.sigmoid(logits)}
+      return {"probs": jax.nn.softmax(logits)}
+    if logits.shape[-1] == 1:
+      prob = jax.nn.sigmoid(logits[..., 0])
+      return {"mask": (prob > 0.5).astype(jnp.uint8), "probs": prob}
+    return {"mask": jnp.argmax(logits, -1).astype(jnp.uint8),
+            "probs": jax.nn.softmax(logits)}
+
+  @property
+  def predict_classes(self) -> tuple[str, ...]:
+    if self.task == "classification":
+      return super().predict_classes
+    if self.num_outputs == 1:
+      return ("background", "foreground")
+    return tuple(f"class_{k}" for k in range(self.num_outputs))
+
+  def eval_step(self, state, batch):
+    pred = self.predict(state.variables(), batch["image"])
+    out = {"index": batch["index"]}
+    if self.task == "classification":
+      out.update(probs=pred["probs"], label=batch["label"])
     else:
-      if logits.shape[-1] == 1:
-        prob = jax.nn.sigmoid(logits[..., 0])
-        out.update(pred=(prob > 0.5).astype(jnp.uint8), prob=prob.astype(jnp.float16))
-      else:
-        out.update(pred=jnp.argmax(logits, -1).astype(jnp.uint8))
+      out["pred"] = pred["mask"]
+      if pred["probs"].ndim == 3:  # one output channel: keep the foreground probability
+        out["prob"] = pred["probs"].astype(jnp.float16)
       out["mask"] = batch["mask"].astype(jnp.uint8)
     return out
 

@@ -201,6 +201,10 @@ class Classifier(nn.Module):
       or a name for ``get_encoder`` with default attributes; in both cases the
       submodule is named ``encoder``.
     train_encoder: False freezes the encoder (linear evaluation).
+    head_norm: standardize the pooled features before the head with a BatchNorm without
+      scale or bias (batch statistics in training, running ones at eval), as linear
+      probing does (He et al., MAE, 2022, Sec. A.2): the head then sees unit-scale
+      features whatever the encoder's, so one learning rate suits every encoder.
 
   ``__call__(x, train, return_features=False)`` returns float32 logits
   (B, num_classes), or ``(logits, features)`` where ``features`` is the
@@ -210,12 +214,17 @@ class Classifier(nn.Module):
   num_classes: int
   encoder: Any = "resnet50"
   train_encoder: bool = True
+  head_norm: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool, return_features: bool = False):
     feats = _encode(self, x, train)
+    pooled = feats["pooled"].astype(jnp.float32)
+    if self.head_norm:
+      pooled = nn.BatchNorm(use_running_average=not train, use_scale=False, use_bias=False,
+                            momentum=0.9, epsilon=1e-6, name="head_norm")(pooled)
     logits = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32,
-                      name="head")(feats["pooled"].astype(jnp.float32))
+                      name="head")(pooled)
     return (logits, feats) if return_features else logits
 
 

@@ -3,11 +3,21 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 from typing import Any, Mapping
 
 import jax
 import numpy as np
+
+
+def _parse(line: str) -> dict | None:
+  """One metrics.jsonl record, or None for a blank or half-written line."""
+  try:
+    row = json.loads(line)
+  except json.JSONDecodeError:
+    return None
+  return row if isinstance(row, dict) else None
 
 
 def _scalar(v: Any) -> float | int:
@@ -20,15 +30,22 @@ class MetricWriter:
 
   Only process 0 writes. On resume, `truncate_after(step)` drops records written after
   the restored checkpoint (they will be recomputed), so the file never holds duplicates.
+  Nothing is created before the first record: the TensorBoard folder `tb/` appears with
+  the first write.
   """
 
   def __init__(self, workdir: str | pathlib.Path, *, tensorboard: bool = True):
-    self.path = pathlib.Path(workdir) / "metrics.jsonl"
+    self.workdir = pathlib.Path(workdir)
+    self.path = self.workdir / "metrics.jsonl"
     self.active = jax.process_index() == 0
+    self.tensorboard = tensorboard
     self._tb = None
-    if self.active and tensorboard:
+
+  def _tb_writer(self):
+    if self._tb is None and self.active and self.tensorboard:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tb"), flush_secs=30)
+      self._tb = SummaryWriter(str(self.workdir / "tb"), flush_secs=30)
+    return self._tb
 
   def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> dict:
     record = {"step": int(step), "split": split}
@@ -37,18 +54,23 @@ class MetricWriter:
       return record
     with self.path.open("a") as f:
       f.write(json.dumps(record, allow_nan=True) + "\n")
-    if self._tb is not None:
+    tb = self._tb_writer()
+    if tb is not None:
       for k, v in record.items():
         if k not in ("step", "split") and isinstance(v, (int, float)) and math.isfinite(v):
-          self._tb.add_scalar(k if "/" in k or split == "train" else f"{split}/{k}", v, step)
+          tb.add_scalar(k if "/" in k or split == "train" else f"{split}/{k}", v, step)
     return record
 
   def truncate_after(self, step: int) -> None:
+    """Keeps the records up to `step`; drops later ones and any half-written line (a run
+    killed mid-write). The file is replaced atomically."""
     if not (self.active and self.path.exists()):
       return
     kept = [line for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    self.path.write_text("".join(line + "\n" for line in kept))
+            if (row := _parse(line)) is not None and row.get("step", 0) <= step]
+    tmp = self.path.with_name(f".{self.path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, self.path)
 
   def flush(self):
     if self._tb is not None:
@@ -65,5 +87,5 @@ def read_metrics(workdir: str | pathlib.Path, split: str | None = None) -> list[
   path = pathlib.Path(workdir) / "metrics.jsonl"
   if not path.exists():
     return []
-  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  rows = [row for line in path.read_text().splitlines() if (row := _parse(line)) is not None]
   return [r for r in rows if split is None or r.get("split") == split]

@@ -4,6 +4,13 @@ Each stage runs in `WORKDIR/<name>/`. A string field of the form `stage:NAME[/su
 (e.g. `init_from = "stage:pretrain"`, or a data root pointing at generated images) is
 resolved to `WORKDIR/NAME[/sub/path]`. A stage whose workdir holds `done.json` is skipped,
 so re-running a pipeline resumes at the first unfinished stage.
+
+The pipeline root is locked for the whole run (its stages run inside the lock). Its
+config.json is checked like a single run's (`core.workdir.check_config`): a change to a
+finished stage is refused; a change to a stage that has a checkpoint, or to the stage
+list once a stage has run, needs `allow_config_change`; a change to a stage that has not
+started only gets recorded in config_history.jsonl. The root config.json is written once
+a stage has passed its own checks.
 """
 from __future__ import annotations
 
@@ -14,6 +21,10 @@ from typing import Any
 import jax
 import ml_collections as mlc
 
+from medrep_jax import config_lib
+from medrep_jax import errors
+from medrep_jax.core import checkpoint as ckpt_lib
+from medrep_jax.core import workdir as workdir_lib
 from medrep_jax.train import report as report_lib
 from medrep_jax.train import trainer
 
@@ -35,37 +46,121 @@ def resolve_stage_refs(config: mlc.ConfigDict, workdir: pathlib.Path,
       elif isinstance(value, str) and value.startswith("stage:"):
         name, _, rest = value[len("stage:"):].partition("/")
         if name not in known:
-          raise ValueError(f"{prefix}{key}={value!r} refers to stage {name!r}, which does "
-                           f"not run before this one; earlier stages: {known}")
+          raise config_lib.ConfigError(
+              f"{prefix}{key}={value!r} refers to stage {name!r}, which does not run before "
+              f"this one; earlier stages: {known}")
         node[key] = str(workdir / name / rest) if rest else str(workdir / name)
 
   visit(out, "")
   return out
 
 
-def run_pipeline(config, workdir: str | pathlib.Path) -> dict[str, Any]:
-  """Runs the stages in order, skipping finished ones; writes a pipeline report.md."""
+def _stage_ref_keys(config) -> tuple[str, ...]:
+  """The dotted keys of a stage config whose values are `stage:NAME...` references."""
+  flat = workdir_lib.config_diff({}, config, ignore=())
+  return tuple(k for k, (_, v) in flat.items() if isinstance(v, str) and v.startswith("stage:"))
+
+
+def _stage_status(stage_dir: pathlib.Path) -> str:
+  """"done" (done.json), "started" (a checkpoint to resume) or "new"."""
+  if (stage_dir / "done.json").exists():
+    return "done"
+  if ckpt_lib.Checkpointer(stage_dir / "checkpoints", every=0, keep=1).latest_step() is not None:
+    return "started"
+  return "new"
+
+
+def check_pipeline_config(config, workdir: pathlib.Path, *,
+                          allow: bool) -> dict[str, tuple[Any, Any]]:
+  """Compares a pipeline config with the root config.json; returns the changes to record.
+
+  Raises:
+    ConfigChanged: a finished stage's config changed, or a started stage's (or the stage
+      list, once a stage has run) without `allow`.
+  """
+  old = workdir_lib.read_config(workdir)
+  if old is None:
+    return {}
+  changes = workdir_lib.config_diff(old, config)
+  if not changes:
+    return {}
+  names = set(config.stages) | set(old.get("stages", ()))
+  touched = {key.split(".", 1)[0] if key.split(".", 1)[0] in names else None
+             for key in changes}
+  status = {s: _stage_status(workdir / s) for s in names}
+  listing = workdir_lib.format_changes(changes)
+  where = workdir / "config.json"
+  done = sorted(s for s in touched if s is not None and status[s] == "done")
+  if done:
+    raise errors.ConfigChanged(
+        f"this config changes finished stage(s) {done} of the pipeline in {workdir} "
+        f"({where}):\n{listing}\nNothing was changed. Use a new --workdir for the new "
+        f"values (a stage can start from a finished one with init_from=<its workdir>).",
+        changes)
+  ran = any(v != "new" for v in status.values())
+  started = sorted(s for s in touched if s is not None and status[s] == "started")
+  if (started or (None in touched and ran)) and not allow:
+    what = (f"stage(s) {started}, which have checkpoints" if started
+            else "the pipeline's stages, some of which have run")
+    raise errors.ConfigChanged(
+        f"this config changes {what}, in {workdir} ({where}):\n{listing}\nResuming would "
+        f"mix two configs in one run, so nothing was changed. Re-run with the original "
+        f"values, use a new --workdir, or pass --allow_config_change (the change is "
+        f"recorded in {workdir_lib.HISTORY_NAME}).", changes)
+  return changes
+
+
+def run_pipeline(config, workdir: str | pathlib.Path, *,
+                 allow_config_change: bool = False) -> dict[str, Any]:
+  """Runs the stages in order, skipping finished ones; writes a pipeline report.md.
+
+  Args:
+    config: the pipeline config (`stages` and one config per stage).
+    workdir: the pipeline root; stage NAME runs in `workdir/NAME`.
+    allow_config_change: let changed stages resume (see the module docstring).
+  """
   workdir = pathlib.Path(workdir).absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
-  trainer.write_config(config, workdir)
   stages = list(config.stages)
   for name in stages:
     if name not in config:
-      raise ValueError(f"stage {name!r} is listed in config.stages but config.{name} is "
-                       f"missing; stages present: {[k for k in config if k != 'stages']}")
-  results: dict[str, Any] = {}
-  for i, name in enumerate(stages):
-    stage_dir = workdir / name
-    done = stage_dir / "done.json"
-    if done.exists():
-      print(f"[pipeline] stage {i + 1}/{len(stages)} '{name}': done, skipping")
-      results[name] = json.loads(done.read_text())
-      continue
-    print(f"[pipeline] stage {i + 1}/{len(stages)} '{name}' -> {stage_dir}")
-    stage_cfg = resolve_stage_refs(config[name], workdir, stages[:i])
-    results[name] = trainer.train_and_evaluate(stage_cfg, stage_dir)
-  if jax.process_index() == 0:
-    write_pipeline_report(workdir, stages, results)
+      raise config_lib.ConfigError(
+          f"stage {name!r} is listed in config.stages but config.{name} is missing; "
+          f"stages present: {[k for k in config if k != 'stages']}")
+  with trainer.hold_workdir(workdir):
+    changes = check_pipeline_config(config, workdir, allow=allow_config_change)
+    if changes and jax.process_index() == 0:
+      print(f"The pipeline config differs from {workdir / 'config.json'} (recorded in "
+            f"{workdir_lib.HISTORY_NAME}):\n{workdir_lib.format_changes(changes)}")
+    results: dict[str, Any] = {}
+    written = False
+
+    def write_root():  # once a stage has passed its own checks (it wrote its config.json)
+      nonlocal written
+      if not written and any((workdir / s / "config.json").exists() for s in stages):
+        trainer.write_config(config, workdir, changes)
+        written = True
+
+    try:
+      for i, name in enumerate(stages):
+        stage_dir = workdir / name
+        stage_cfg = resolve_stage_refs(config[name], workdir, stages[:i])
+        if (stage_dir / "done.json").exists():
+          # Paths from stage: references may differ when the pipeline folder was moved;
+          # the references themselves were compared in the root config.
+          ignore = workdir_lib.derived_keys(stage_cfg) + _stage_ref_keys(config[name])
+          workdir_lib.check_config(stage_dir, stage_cfg, finished=True, resume_step=None,
+                                   allow=False, ignore=ignore)
+          print(f"[pipeline] stage {i + 1}/{len(stages)} '{name}': done, skipping")
+          results[name] = json.loads((stage_dir / "done.json").read_text())
+          continue
+        print(f"[pipeline] stage {i + 1}/{len(stages)} '{name}' -> {stage_dir}")
+        results[name] = trainer.train_and_evaluate(
+            stage_cfg, stage_dir, allow_config_change=allow_config_change)
+        write_root()
+    finally:
+      write_root()
+    if jax.process_index() == 0:
+      write_pipeline_report(workdir, stages, results)
   return results
 
 

@@ -2,8 +2,15 @@
 
 One jitted train step with donated state and `NamedSharding`; per-step RNG by `fold_in`;
 metrics stay on device until a logging step; eval at a period; orbax checkpoints with the
-data-iterator state; SIGTERM saves and exits; a NaN/Inf metric stops the run without
-overwriting the last good checkpoint (DESIGN.md, principles 3, 5 and 6).
+data-iterator state; SIGTERM saves and exits; a NaN/Inf metric, or a NaN/Inf in the state
+about to be saved, stops the run and keeps the last good checkpoint (DESIGN.md,
+principles 3, 5 and 6).
+
+The workdir is held by a lock for the run (`core.workdir`). Its config.json is written
+only after the config has been checked against the existing one (a finished run refuses
+another config; a resumed run refuses one unless `allow_config_change`) and after the
+data and the state have been built, so a run that fails its checks leaves the workdir as
+it was.
 """
 from __future__ import annotations
 
@@ -23,9 +30,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from medrep_jax import config_lib
+from medrep_jax import errors
 from medrep_jax.core import checkpoint as ckpt_lib
 from medrep_jax.core import mesh as mesh_lib
 from medrep_jax.core import runs
+from medrep_jax.core import workdir as workdir_lib
 from medrep_jax.data import loader
 from medrep_jax.methods import base, load_method
 from medrep_jax.train import report as report_lib
@@ -34,8 +43,7 @@ from medrep_jax.train.logging import MetricWriter
 log = logging.getLogger(__name__)
 
 
-class NonFiniteError(FloatingPointError):
-  """A logged metric became NaN or Inf."""
+NonFiniteError = errors.NonFiniteError  # a metric or the state to save is NaN/Inf
 
 
 class Preempted(SystemExit):
@@ -61,10 +69,39 @@ def _sigterm_flag():
     signal.signal(signal.SIGTERM, previous)
 
 
-def write_config(config, workdir: pathlib.Path) -> None:
-  if jax.process_index() == 0:
-    (workdir / "config.json").write_text(json.dumps(config_lib.to_dict(config), indent=2,
-                                                    default=str))
+def write_config(config, workdir: pathlib.Path, changes: dict | None = None,
+                 step: int | None = None) -> None:
+  """Writes WORKDIR/config.json (atomically) and records `changes` in
+  config_history.jsonl; only process 0 writes. Call it after `workdir.check_config`."""
+  if jax.process_index() != 0:
+    return
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  if changes:
+    workdir_lib.record_changes(workdir, changes, step)
+  workdir_lib.write_json(workdir / "config.json", config_lib.to_dict(config))
+
+
+def note_changes(workdir: pathlib.Path, changes: dict, resume_step: int | None) -> None:
+  """Prints the config changes a run proceeds with (allowed, or nothing to resume)."""
+  if not changes or jax.process_index() != 0:
+    return
+  how = (f"resuming from step {resume_step} with --allow_config_change"
+         if resume_step is not None else "the last attempt left no checkpoint; starting "
+         "afresh")
+  print(f"The config differs from {pathlib.Path(workdir) / 'config.json'} ({how}; recorded "
+        f"in {workdir_lib.HISTORY_NAME}):\n{workdir_lib.format_changes(changes)}")
+
+
+def _all_agree(ok: bool) -> bool:
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.min(multihost_utils.process_allgather(np.array(ok, np.int32))))
+
+
+def hold_workdir(workdir: str | pathlib.Path):
+  """The run lock of `workdir` (written by process 0; every process fails together)."""
+  return workdir_lib.lock(workdir, enabled=jax.process_index() == 0,
+                          sync=_all_agree if jax.process_count() > 1 else None)
 
 
 def _average(records: list[dict[str, np.ndarray]]) -> dict[str, float]:
@@ -106,10 +143,10 @@ class Trainer:
   """Runs one method in one workdir. Use `train_and_evaluate` unless you need the parts."""
 
   def __init__(self, config, workdir: str | pathlib.Path, method: base.Method | None = None,
-               devices=None):
+               devices=None, *, allow_config_change: bool = False):
     self.config = config
-    self.workdir = pathlib.Path(workdir).absolute()
-    self.workdir.mkdir(parents=True, exist_ok=True)
+    self.workdir = pathlib.Path(workdir).absolute()  # made by `run` (with its lock)
+    self.allow_config_change = allow_config_change
     self.mesh = mesh_lib.make_mesh(config.mesh, devices)
     self.method = method if method is not None else load_method(config)
     self.method.workdir, self.method.mesh = self.workdir, self.mesh
@@ -155,11 +192,13 @@ class Trainer:
       else:
         merged["model_state"][prefix.split("/", 1)[1]] = tree
     if not loaded:
-      raise ValueError(f"init_from={src}: no parameter matched by path and shape; set "
-                       f"init_from_rules, e.g. 'encoder:encoder'")
+      raise config_lib.ConfigError(
+          f"init_from={src}: no parameter matched by path and shape; set init_from_rules, "
+          f"e.g. 'encoder:encoder'")
     lines = [f"init_from: {src}", f"loaded {len(loaded)} arrays, left {len(fresh)} new", "",
              "# loaded"] + loaded + ["", "# new"] + fresh
     if jax.process_index() == 0:
+      self.workdir.mkdir(parents=True, exist_ok=True)
       (self.workdir / "init_from.txt").write_text("\n".join(lines) + "\n")
     print(f"init_from: loaded {len(loaded)} arrays from {src}, {len(fresh)} left new "
           f"(see {self.workdir / 'init_from.txt'})")
@@ -208,36 +247,58 @@ class Trainer:
 
   # ------------------------------------------------------------------------------- loop
   def run(self) -> dict[str, Any]:
+    """Trains (or resumes) under the workdir's lock; a finished run returns done.json."""
+    with hold_workdir(self.workdir):
+      return self._run()
+
+  def _run(self) -> dict[str, Any]:
     config, tc = self.config, self.config.train
     self.figures: dict[str, str] = {}
     self.report_lines: list[str] = []
+    latest = self.checkpointer.latest_step()
+    done = self.workdir / "done.json"
+    if done.exists():
+      workdir_lib.check_config(self.workdir, config, finished=True, resume_step=latest,
+                               allow=False, ignore=workdir_lib.derived_keys(config))
+      print(f"Run in {self.workdir} already finished at step {latest}; nothing to do.")
+      return json.loads(done.read_text())
     train_source = self.method.make_source("train")
     if float(tc.get("num_epochs", 0.0)) > 0:
       tc.num_steps = math.ceil(float(tc.num_epochs) * len(train_source) / int(tc.batch_size))
     num_steps = int(tc.num_steps)
-    write_config(config, self.workdir)
+    changes = workdir_lib.check_config(self.workdir, config, finished=False,
+                                       resume_step=latest, allow=self.allow_config_change)
     train_ds = loader.train_dataset(train_source, self.method.transforms("train"),
                                     global_batch=int(tc.batch_size), seed=int(config.seed))
     with jax.set_mesh(self.mesh):
       sample = mesh_lib.to_global(train_ds[0], self.mesh)
       state = self.build_state(sample)
-      latest = self.checkpointer.latest_step()
       iter_state = None
       if latest is not None:
         state, iter_state = self.checkpointer.restore(state, latest)
-        self.writer.truncate_after(latest)
-        print(f"Resumed from {self.checkpointer.directory} at step {latest}")
       else:
         state = self.warm_start(state)
-      done = self.workdir / "done.json"
-      if latest is not None and latest >= num_steps and done.exists():
-        print(f"Run in {self.workdir} already finished at step {latest}; nothing to do.")
-        return json.loads(done.read_text())
+      # Config, data and state are checked: only now does the run write.
+      note_changes(self.workdir, changes, latest)
+      write_config(config, self.workdir, changes, latest)
+      self.writer.truncate_after(latest or 0)  # drop records no checkpoint backs
+      if latest is not None:
+        print(f"Resumed from {self.checkpointer.directory} at step {latest}")
       step_fn = self._compile_step()
+      finished = False
       try:
-        return self._loop(state, step_fn, train_ds, iter_state, num_steps)
+        result = self._loop(state, step_fn, train_ds, iter_state, num_steps)
+        finished = True
+        return result
       finally:  # finish in-flight async saves, also when the loop raised
-        self.checkpointer.close()
+        if getattr(self, "_bar", None) is not None:
+          self._bar.close()  # before an error message, not after it
+        try:
+          self.checkpointer.close()
+        except Exception:  # pylint: disable=broad-except
+          if finished:
+            raise
+          log.exception("closing the checkpointer after an error")  # keep the first error
         self.writer.close()
 
   def _compile_step(self):
@@ -259,9 +320,9 @@ class Trainer:
     start = int(state.step)
     last_good = self.checkpointer.latest_step()
     pending: list[tuple[int, Any]] = []
-    bar = tqdm(total=num_steps, initial=start, desc=self.config.method, dynamic_ncols=True,
-               disable=not tc.progress or jax.process_index() != 0,
-               mininterval=1.0, file=sys.stdout)
+    bar = self._bar = tqdm(total=num_steps, initial=start, desc=self.config.method,
+                           dynamic_ncols=True, mininterval=1.0, file=sys.stdout,
+                           disable=not tc.progress or jax.process_index() != 0)
     t_last, n_last, first_step_time = time.perf_counter(), start, None
     final_metrics: dict[str, Any] = {}
     with _sigterm_flag() as preempt:
@@ -322,14 +383,18 @@ def finish(workdir: pathlib.Path, config, final: dict[str, Any], result: base.Re
   """Writes report.md (final metrics, figures, lines) and done.json for any stage."""
   if jax.process_index() == 0:
     report_lib.write_report(workdir, config, final, result.figures, result.lines)
-    (workdir / "done.json").write_text(json.dumps(final, indent=2, default=float))
+    workdir_lib.write_json(workdir / "done.json", json.loads(json.dumps(final, default=float)))
 
 
-def run_task(task: base.Task, config, workdir: pathlib.Path) -> dict[str, Any]:
-  """Runs a stage with no train loop under the same contract as a trained run."""
+def run_task(task: base.Task, config, workdir: pathlib.Path,
+             changes: dict | None = None) -> dict[str, Any]:
+  """Runs a stage with no train loop under the same contract as a trained run; its
+  config.json is written once the task has succeeded."""
   task.workdir, task.mesh = workdir, mesh_lib.make_mesh(config.mesh)
   result = task.run()
+  write_config(config, workdir, changes)
   writer = MetricWriter(workdir)  # the same contract as trained runs: metrics.jsonl + tb/
+  writer.truncate_after(-1)  # a task is redone whole: drop an earlier attempt's record
   writer.write(0, "eval", {f"eval/{k}": v for k, v in result.metrics.items()
                            if isinstance(v, (int, float))})
   writer.close()
@@ -337,17 +402,34 @@ def run_task(task: base.Task, config, workdir: pathlib.Path) -> dict[str, Any]:
   return result.metrics
 
 
-def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
-  """Runs the stage `config` describes in `workdir`, resuming a trained stage from its
-  checkpoints; a finished stage returns its done.json at once."""
+def train_and_evaluate(config, workdir: str | pathlib.Path, *,
+                       allow_config_change: bool = False) -> dict[str, Any]:
+  """Runs the stage `config` describes in `workdir`.
+
+  A trained stage resumes from its checkpoints; a finished stage returns its done.json at
+  once. The workdir is locked for the run.
+
+  Args:
+    config: the stage's config.
+    workdir: the run directory (created when the run writes).
+    allow_config_change: resume even though the config differs from the workdir's
+      config.json; the change is recorded in config_history.jsonl.
+
+  Raises:
+    ConfigChanged: the config differs from that of a finished run, or of a resumable run
+      without `allow_config_change`.
+    WorkdirLocked: another run holds the workdir.
+  """
   workdir = pathlib.Path(workdir).absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
   stage = load_method(config)
-  if isinstance(stage, base.Task):
-    write_config(config, workdir)
+  if not isinstance(stage, base.Task):
+    return Trainer(config, workdir, stage, allow_config_change=allow_config_change).run()
+  with hold_workdir(workdir):
     done = workdir / "done.json"
+    changes = workdir_lib.check_config(workdir, config, finished=done.exists(),
+                                       resume_step=None, allow=allow_config_change)
     if done.exists():
       print(f"Stage in {workdir} already finished; nothing to do.")
       return json.loads(done.read_text())
-    return run_task(stage, config, workdir)
-  return Trainer(config, workdir, stage).run()
+    note_changes(workdir, changes, None)
+    return run_task(stage, config, workdir, changes)

@@ -86,9 +86,18 @@ class ClassifierStage(base.Method):
     state, metrics, _ = base.gradient_step(state, loss_fn)
     return state, metrics
 
+  # ---- inference (the eval step and `medrep_jax.load(...).predict` share it)
+  def predict(self, variables, images: jax.Array) -> dict[str, jax.Array]:
+    """{"probs": (B, 2)} coarse normal/abnormal softmax, or (B, K) sigmoid (multi-label)."""
+    logits = self.model.apply(variables, images, False)
+    return {"probs": jax.nn.sigmoid(logits) if self.multi_label else jax.nn.softmax(logits)}
+
+  @property
+  def predict_classes(self) -> tuple[str, ...]:
+    return super().predict_classes if self.multi_label else common.CLASS_NAMES
+
   def eval_step(self, state, batch):
-    logits = self.model.apply(state.variables(), batch["image"], False)
-    probs = jax.nn.sigmoid(logits) if self.multi_label else jax.nn.softmax(logits)
+    probs = self.predict(state.variables(), batch["image"])["probs"]
     return {"probs": probs, "label": self._labels(batch), "index": batch["index"]}
 
   def evaluate(self, outputs, state, ctx):
