@@ -37,9 +37,15 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "is recorded in WORKDIR/config_history.jsonl.")
 _DEBUG = flags.DEFINE_bool("debug", False, "Show Python tracebacks of errors (also "
                            "MEDREP_DEBUG=1).")
+_LIST = flags.DEFINE_bool("list", False, "Print the configs with their variant args and "
+                          "allowed values, the methods and their stages, and the datasets; "
+                          "then exit.")
+_PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "Print the resolved config (after "
+                                  "variant args and --config.* overrides) and exit.")
 
 USAGE = ("usage: python -m medrep_jax.main --config configs/<name>.py[:key=value,...] "
-         "[--workdir DIR] [--config.<key>=<value> ...]")
+         "[--workdir DIR] [--config.<key>=<value> ...] [--print_config]; "
+         "python -m medrep_jax.main --list")
 
 
 def _loaded_config() -> mlc.ConfigDict:
@@ -61,6 +67,34 @@ def _loaded_config() -> mlc.ConfigDict:
   except Exception as e:  # pylint: disable=broad-except
     raise config_lib.ConfigError(f"could not load {name}: {' '.join(str(e).split())}") from e
   raise config_lib.ConfigError(f"could not load {name}")
+
+
+def _allowed(values) -> str:
+  values = list(values)
+  if len(values) > 8:
+    return f"one of {len(values)} names (see the datasets below)" if "phantoms" in values \
+        else ", ".join(map(str, values[:8])) + ", ..."
+  return " | ".join(map(str, values))
+
+
+def catalog() -> str:
+  """The text of `--list`: configs (variant args, defaults, allowed values), methods and
+  their stages, datasets."""
+  from medrep_jax import methods  # pylint: disable=g-import-not-at-top
+  from medrep_jax.data import registry  # pylint: disable=g-import-not-at-top
+  lines = [f"Configs ({config_lib.CONFIG_DIR}), as --config configs/<name>.py:key=value,...:"]
+  for path in sorted(config_lib.CONFIG_DIR.glob("*.py")):
+    module = config_lib.config_module(path.stem, config_lib.CONFIG_DIR)
+    lines.append(f"  {path.stem}")
+    choices = getattr(module, "CHOICES", {})
+    for key, default in getattr(module, "DEFAULTS", {}).items():
+      allowed = f"  [{_allowed(choices[key])}]" if key in choices else ""
+      lines.append(f"      {key}={default!r}{allowed}")
+  lines.append("Methods and their stages (config.method, config.stage):")
+  lines += [f"  {m}: {', '.join(methods.stages(m))}" for m in methods.available()]
+  lines.append("Datasets (data=<name>; generic readers need --config.data.root):")
+  lines.append("  " + ", ".join(registry.PRESETS))
+  return "\n".join(lines)
 
 
 def _run(config, workdir: str) -> None:
@@ -87,7 +121,13 @@ def main(argv) -> None:
     logging.getLogger(name).setLevel(logging.WARNING)
   from medrep_jax.data.sources import DataError  # pylint: disable=g-import-not-at-top
   with errors.handled(DataError):
+    if _LIST.value:
+      print(catalog())
+      return
     config = _loaded_config()
+    if _PRINT_CONFIG.value:
+      print(config)
+      return
     workdir = _WORKDIR.value or os.path.join("runs", os.path.splitext(
         os.path.basename(flags.FLAGS["config"].config_filename.split(":", 1)[0]))[0])
     _run(config, workdir)

@@ -106,3 +106,23 @@ def test_every_config_resolves_and_runs_two_steps(path, tiny_run):
   workdir = tiny_run(path.stem)
   assert (workdir / "report.md").exists()
   assert (workdir / "config.json").exists()
+
+
+def test_list_names_configs_variant_values_methods_stages_and_datasets():
+  r = subprocess.run([sys.executable, "-m", "medrep_jax.main", "--list"], cwd=REPO_ROOT,
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr
+  for config in CONFIGS:
+    assert f"\n  {config.stem}\n" in r.stdout
+  assert "size='paper'  [paper | small | tiny]" in r.stdout
+  assert "ldm: vae, unet, sample, filter" in r.stdout
+  assert "pneumoniamnist" in r.stdout
+
+
+def test_print_config_shows_overrides_and_writes_nothing(tmp_path):
+  workdir = tmp_path / "run"
+  r = subprocess.run(cli(workdir, "--config.optim.lr=0.5", "--print_config"), cwd=REPO_ROOT,
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr
+  assert "method: finetune" in r.stdout and "lr: 0.5" in r.stdout
+  assert not workdir.exists()
