@@ -10,7 +10,7 @@ from medrep_jax.core import checkpoint as ckpt_lib
 from medrep_jax.core import mesh as mesh_lib
 from medrep_jax.train import pipeline, trainer
 
-from conftest import config_module
+from conftest import config_module, load_config
 
 finetune_config = config_module("finetune").finetune_config
 
@@ -139,3 +139,19 @@ def test_stage_reference_must_be_earlier(tmp_path):
   config = mlc.ConfigDict({"stages": ("a",), "a": a})
   with pytest.raises(ValueError, match="refers to stage 'later'"):
     pipeline.run_pipeline(config, tmp_path)
+
+
+def test_logs_the_learning_rate_and_prints_eval_metrics(tmp_path, capsys):
+  config = load_config("finetune")
+  with config.unlocked():
+    config.data.num_examples = 32
+    config.train.num_steps = 3
+  final = trainer.train_and_evaluate(config, tmp_path)
+  from medrep_jax.core import optim  # pylint: disable=g-import-not-at-top
+  schedule = optim.make_schedule(config.optim, 3)
+  rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  lrs = {r["step"]: r["lr"] for r in rows if r["split"] == "train"}
+  assert lrs == pytest.approx({s: float(schedule(s - 1)) for s in (1, 2, 3)})
+  out = capsys.readouterr().out
+  assert "final evaluation at step 3" in out
+  assert f"accuracy={final['eval/accuracy']:.4g}" in out

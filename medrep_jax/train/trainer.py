@@ -14,6 +14,7 @@ it was.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
@@ -33,6 +34,7 @@ from medrep_jax import config_lib
 from medrep_jax import errors
 from medrep_jax.core import checkpoint as ckpt_lib
 from medrep_jax.core import mesh as mesh_lib
+from medrep_jax.core import optim
 from medrep_jax.core import runs
 from medrep_jax.core import workdir as workdir_lib
 from medrep_jax.data import loader
@@ -44,6 +46,12 @@ log = logging.getLogger(__name__)
 
 
 NonFiniteError = errors.NonFiniteError  # a metric or the state to save is NaN/Inf
+
+
+def _say(message: str) -> None:
+  """A line on the console from process 0, above the progress bar."""
+  if jax.process_index() == 0:
+    tqdm.write(message, file=sys.stdout)
 
 
 class Preempted(SystemExit):
@@ -214,11 +222,16 @@ class Trainer:
     tc = self.config.train
     step = int(state.step)
     ctx = base.EvalContext(workdir=self.workdir, step=step, final=final, split=tc.eval_split)
+    _say(f"{'final ' if final else ''}evaluation at step {step} on the {tc.eval_split} "
+         f"split ...")
     result = self.method.evaluate_state(state, ctx)
     if result is None:
       result = self.method.evaluate(self._eval_outputs(state), state, ctx)
-    self.writer.write(step, "eval", {f"eval/{k}": v for k, v in result.metrics.items()
-                                     if np.ndim(v) == 0 and not isinstance(v, str)})
+    scalars = {k: v for k, v in result.metrics.items()
+               if np.ndim(v) == 0 and not isinstance(v, str)}
+    self.writer.write(step, "eval", {f"eval/{k}": v for k, v in scalars.items()})
+    _say(f"eval at step {step}: " + ", ".join(
+        f"{k}={report_lib.fmt(float(v))}" for k, v in list(scalars.items())[:10]))
     self.figures.update(result.figures)
     self.report_lines = list(result.lines)
     return result.metrics
@@ -320,6 +333,10 @@ class Trainer:
     start = int(state.step)
     last_good = self.checkpointer.latest_step()
     pending: list[tuple[int, Any]] = []
+    running: collections.deque = collections.deque()  # dispatched, not yet seen complete
+    # The learning rate of the update that ended at each logged step (a TensorBoard scalar).
+    k = optim.accumulate_steps(self.config.optim)
+    schedule = optim.make_schedule(self.config.optim, math.ceil(num_steps / k))
     bar = self._bar = tqdm(total=num_steps, initial=start, desc=self.config.method,
                            dynamic_ncols=True, mininterval=1.0, file=sys.stdout,
                            disable=not tc.progress or jax.process_index() != 0)
@@ -336,16 +353,24 @@ class Trainer:
           t_last, n_last = time.perf_counter(), step + 1
         cur = step + 1
         pending.append((cur, metrics))
-        bar.update(1)
+        # The bar counts completed steps: a step is done when its first metric is ready
+        # (`is_ready` does not block, so the loop still runs ahead of the device).
+        running.append(jax.tree.leaves(metrics)[0])
+        while running and running[0].is_ready():
+          running.popleft()
+          bar.update(1)
         is_ckpt = ckpt_every > 0 and cur % ckpt_every == 0
         sync_point = cur % log_every == 0 or cur == num_steps or is_ckpt
         stop = _agreed_stop(preempt, sync_point)
         if sync_point or stop:
           host = [(s, jax.device_get(m)) for s, m in pending]
+          bar.update(len(running))
+          running.clear()
           _check_finite(host, last_good, self.checkpointer.directory)
           now = time.perf_counter()
           steps_done = cur - n_last
           avg = _average([m for _, m in host])
+          avg["lr"] = float(schedule((cur - 1) // k))
           if steps_done > 0:
             avg["throughput/examples_per_sec"] = steps_done * int(tc.batch_size) / (now - t_last)
             avg["throughput/step_time_ms"] = 1e3 * (now - t_last) / steps_done
