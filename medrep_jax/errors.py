@@ -20,7 +20,7 @@ import os
 import re
 import signal
 import sys
-from typing import Iterator
+from typing import Callable, Iterator
 
 from medrep_jax import config_lib
 
@@ -220,3 +220,18 @@ def parse_flags(argv: list[str], usage: str = "") -> list[str]:
     usage = f"\n{usage}" if usage else ""
     print(f"medrep_jax: {flag_error_message(e, argv)}{usage}", file=sys.stderr, flush=True)
     sys.exit(EXIT_USER_ERROR)
+
+
+def add_debug_flag(parser) -> None:
+  """`--debug` for an argparse command (default on with MEDREP_DEBUG=1)."""
+  parser.add_argument("--debug", action="store_true", default=debug_requested([]),
+                      help="show the Python traceback of an error")
+
+
+def command(main: Callable[[], int]) -> None:
+  """Runs an argparse command's `main()`: SIGTERM gives a message and exit code 143, user
+  errors (also ValueError and KeyError) one paragraph and exit code 2 unless `--debug`."""
+  install_sigterm()
+  with handled(ValueError, KeyError):
+    code = main()
+  sys.exit(code)

@@ -17,7 +17,6 @@ trained with; `--config.data.<field>=...` overrides any of them.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import difflib
 import json
 import os
@@ -243,14 +242,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "train.eval_split)")
   parser.add_argument("--name", default=None, help="output folder eval_<name> "
                       "(default: <data.name>_<split>)")
-  parser.add_argument("--debug", action="store_true",
-                      default=errors.debug_requested([]),  # MEDREP_DEBUG=1 too
-                      help="show the Python traceback of an error")
+  errors.add_debug_flag(parser)
   args, rest = parser.parse_known_args(argv)
-  # User errors print one paragraph and exit with code 2; --debug shows the traceback.
-  with contextlib.nullcontext() if args.debug else errors.handled(ValueError, KeyError):
-    final = evaluate_run(args.workdir, parse_overrides(rest), split=args.split,
-                         name=args.name)
+  final = evaluate_run(args.workdir, parse_overrides(rest), split=args.split,
+                       name=args.name)
   for k, v in final.items():
     if isinstance(v, float):
       print(f"{k}: {v:.4g}")
@@ -259,8 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run() -> None:
-  errors.install_sigterm()  # SIGTERM: a message and exit code 143, not a silent death
-  sys.exit(main())
+  errors.command(main)  # one-paragraph errors (exit 2), SIGTERM message (exit 143)
 
 
 if __name__ == "__main__":

@@ -132,7 +132,7 @@ class TrainedModel:
     out = []
     if self._encoder is not None:
       out.append("embed")
-    if type(self.stage).predict is not base.Method.predict:
+    if hasattr(self.stage, "predict"):
       out.append("predict")
     if callable(getattr(self.stage, "sample", None)):
       out.append("sample")

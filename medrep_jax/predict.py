@@ -12,7 +12,6 @@ What is written depends on the run (`medrep_jax.load(workdir).supports`):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import os
 import pathlib
@@ -142,21 +141,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--output", required=True, help="the folder to write into")
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--no_progress", action="store_true", help="no progress bar")
-  parser.add_argument("--debug", action="store_true",
-                      default=errors.debug_requested([]),  # MEDREP_DEBUG=1 too
-                      help="show the Python traceback of an error")
+  errors.add_debug_flag(parser)
   args = parser.parse_args(argv)
-  # User errors print one paragraph and exit with code 2; --debug shows the traceback.
-  with contextlib.nullcontext() if args.debug else errors.handled(ValueError, KeyError):
-    got = predict_folder(args.workdir, args.input, args.output, batch_size=args.batch_size,
-                         progress=not args.no_progress)
+  got = predict_folder(args.workdir, args.input, args.output, batch_size=args.batch_size,
+                       progress=not args.no_progress)
   print(f"Wrote {got['kind']} predictions to {got['output']}")
   return 0
 
 
 def run() -> None:
-  errors.install_sigterm()  # SIGTERM: a message and exit code 143, not a silent death
-  sys.exit(main())
+  errors.command(main)  # one-paragraph errors (exit 2), SIGTERM message (exit 143)
 
 
 if __name__ == "__main__":

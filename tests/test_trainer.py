@@ -155,3 +155,13 @@ def test_logs_the_learning_rate_and_prints_eval_metrics(tmp_path, capsys):
   out = capsys.readouterr().out
   assert "final evaluation at step 3" in out
   assert f"accuracy={final['eval/accuracy']:.4g}" in out
+
+
+def test_a_method_without_loss_fn_or_train_step_is_refused_when_built():
+  from medrep_jax.methods import base  # pylint: disable=g-import-not-at-top
+
+  class NoStep(base.Method):
+    model = None
+
+  with pytest.raises(TypeError, match="must define loss_fn"):
+    NoStep(load_config("finetune"))

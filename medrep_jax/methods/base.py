@@ -135,14 +135,19 @@ class Method(Stage):
     repl = mesh_lib.replicated(mesh)
     return jax.tree.map(lambda _: repl, abstract_state)
 
-  # ---- steps (pure; traced under jit)
-  def loss_fn(self, params, state: TrainState, batch: dict[str, jax.Array],
-              rng: jax.Array) -> tuple[jax.Array, dict]:
-    """(loss, aux) for the default `train_step`; see `gradient_step` for aux."""
-    raise NotImplementedError(f"{type(self).__name__} defines neither loss_fn nor train_step")
+  def __init__(self, config, workdir: str | pathlib.Path | None = None, mesh=None):
+    super().__init__(config, workdir, mesh)
+    if type(self).train_step is Method.train_step and not hasattr(self, "loss_fn"):
+      raise TypeError(f"{type(self).__name__} must define loss_fn(params, state, batch, rng) "
+                      f"-> (loss, aux) or its own train_step")
 
+  # ---- steps (pure; traced under jit)
   def train_step(self, state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
-    """One update; returns (new state, dict of scalar metrics)."""
+    """One update; returns (new state, dict of scalar metrics).
+
+    By default one `gradient_step` on the subclass's `loss_fn(params, state, batch, rng)
+    -> (loss, aux)` (see `gradient_step` for aux).
+    """
     state, metrics, _ = gradient_step(
         state, functools.partial(self.loss_fn, state=state, batch=batch, rng=rng))
     return state, metrics
@@ -158,16 +163,10 @@ class Method(Stage):
     """
     return None
 
-  # ---- inference (`medrep_jax.load(workdir).predict`); pure, traced under jit
-  def predict(self, variables: dict, images: jax.Array) -> dict[str, jax.Array]:
-    """Predictions for preprocessed images (B, H, W, C): {"probs": ...} for classifiers,
-    {"mask": (B, H, W) uint8, "probs": ...} for segmenters. Stages that predict override
-    it (and build their `eval_step` on it, so the two cannot drift)."""
-    del variables, images
-    raise NotImplementedError(
-        f"a {self.config.method} stage {self.config.get('stage', '') or type(self).__name__!r}"
-        f" run cannot predict (it is neither a classifier nor a segmenter); see "
-        f"medrep_jax.load(workdir).info() for what it supports")
+  # ---- inference (`medrep_jax.load(workdir).predict`)
+  # Stages that predict (classifiers, segmenters) define the pure, jittable
+  # `predict(variables, images (B, H, W, C)) -> {"probs": ...}` (segmenters add
+  # "mask": (B, H, W) uint8) and build their `eval_step` on it, so the two cannot drift.
 
   @property
   def predict_classes(self) -> tuple[str, ...]:
