@@ -2,6 +2,7 @@
 import pytest
 
 from medrep_jax import config_lib, methods
+from medrep_jax.core import workdir as workdir_lib
 from medrep_jax.train import pipeline
 
 from conftest import REPO_ROOT, config_module, load_config
@@ -73,12 +74,20 @@ def test_pipeline_lists_its_stages_in_order():
   assert config.stages == ("b", "a") and config.a.train.num_steps == 300
 
 
-def test_finetune_small_is_the_quickstart_scale():
+def test_quickstart_compares_pretrained_with_random_init():
+  """Each pretrained/random pair differs only in its initialization, and the downstream
+  networks are the pretraining run's."""
   quick = load_config("quickstart", "size=small")
-  for stage, task in (("classify", "classification"), ("segment", "segmentation")):
-    small = load_config("finetune", f"size=small,task={task}")
-    assert quick[stage].train.to_dict() == small.train.to_dict()
-    assert quick[stage].model.encoder == small.model.encoder == "resnet_tiny"
+  assert quick.stages == ("pretrain", "probe", "probe_random", "segment", "segment_random")
+  assert quick.pretrain.method == "dcl_cstp" and quick.pretrain.train.num_steps >= 100
+  for a, b in quick.compare:
+    diff = workdir_lib.config_diff(quick[b], quick[a])
+    assert set(diff) == {"init_from", "init_from_rules"}, diff
+    assert quick[a].init_from == "stage:pretrain"
+    assert quick[a].model.encoder == quick.pretrain.model.encoder
+    assert quick[a].data.image_size == quick.pretrain.data.image_size
+    assert 0 < quick[a].label_fraction < 0.2
+  assert quick.probe.freeze_encoder and not quick.segment.freeze_encoder
 
 
 def test_frozen_classification_uses_the_linear_probe_protocol():

@@ -312,3 +312,39 @@ def test_camcontrast_classifier_predicts_coarse_classes(tiny_run):
       _eval_metrics(root / "classifier" / "done.json")
   assert final["step"] == runs.load_run(root / "classifier").step
   assert "embed" in medrep_jax.load(root / "pretrain").supports
+
+
+def test_config_records_what_the_data_gave_and_load_needs_no_data(tmp_path):
+  """config.json holds the classes and channels the data gave (the config left them to
+  the data), a re-run is not taken for a changed config, and a finished run loads and
+  predicts after its data folder is gone."""
+  source = registry.get_source(registry.data_config("phantoms", num_examples=12,
+                                                    image_size=32), "train")
+  data_root = tmp_path / "data"
+  for i in range(len(source)):
+    record = source[i]
+    folder = data_root / ("lesion" if record["label"] else "normal")
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.repeat(record["image"], 3, -1)).save(folder / f"{i:03d}.png")
+  config = load_config("finetune", "size=tiny")
+  with config.unlocked():
+    config.data = registry.data_config("image_folder", root=str(data_root), image_size=32,
+                                       channels=0, num_classes=0, val_fraction=0.25,
+                                       test_fraction=0.0)
+  run = tmp_path / "run"
+  trainer.train_and_evaluate(config, run)
+  saved = json.loads((run / "config.json").read_text())
+  assert saved["data"]["num_classes"] == 2 and saved["data"]["channels"] == 3
+  assert saved["data"]["class_names"] == ["lesion", "normal"]
+  assert saved["data_info"]["num_classes"] == 2 and saved["data_info"]["channels"] == 3
+  again = load_config("finetune", "size=tiny")
+  with again.unlocked():
+    again.data = config.data.copy_and_resolve_references()
+    again.data.update(dict(num_classes=0, channels=0, class_names=()))
+  trainer.train_and_evaluate(again, run)  # "already finished", not "config changed"
+  images = np.stack([np.repeat(source[i]["image"], 3, -1) for i in range(4)])
+  want = medrep_jax.load(run).predict(images)
+  data_root.rename(tmp_path / "moved")
+  model = medrep_jax.load(run)
+  assert model.info()["classes"] == ["lesion", "normal"]
+  np.testing.assert_array_equal(model.predict(images), want)

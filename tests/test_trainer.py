@@ -165,3 +165,18 @@ def test_a_method_without_loss_fn_or_train_step_is_refused_when_built():
 
   with pytest.raises(TypeError, match="must define loss_fn"):
     NoStep(load_config("finetune"))
+
+
+def test_pipeline_report_compares_pairs_of_stages(tmp_path):
+  results = {"seg": {"eval/dice": 0.8, "eval/hd95": 3.0, "step": 10},
+             "seg_random": {"eval/dice": 0.6, "eval/hd95": 5.0, "step": 10},
+             "pre": {"eval/knn_accuracy": 0.5}}
+  path = pipeline.write_pipeline_report(tmp_path, ["pre", "seg", "seg_random"], results,
+                                        compare=[("seg", "seg_random")],
+                                        labels=("pretrained", "random init"))
+  text = path.read_text()
+  assert "| task | metric | pretrained | random init | difference |" in text
+  assert "| seg vs seg_random | dice | 0.8 | 0.6 | +0.2 |" in text
+  assert "| seg vs seg_random | hd95 | 3 | 5 | -2 |" in text
+  assert "![comparison](figures/comparison.png)" in text
+  assert (tmp_path / "figures" / "comparison.png").stat().st_size > 1000

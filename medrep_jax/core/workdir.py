@@ -85,7 +85,7 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _ignored(key: str, ignore: tuple[str, ...]) -> bool:
-  return any(key == k or key.endswith("." + k) for k in ignore)
+  return any(key == k or key.endswith("." + k) or key.startswith(k + ".") for k in ignore)
 
 
 def config_diff(old: Mapping[str, Any], new: Mapping[str, Any],
@@ -105,10 +105,20 @@ def config_diff(old: Mapping[str, Any], new: Mapping[str, Any],
   return changes
 
 
+# Data fields a run may leave to the data (0 or ()); the trainer records what it found.
+DATA_DERIVED = ("num_classes", "class_names", "channels", "num_mask_classes")
+
+
 def derived_keys(config: Mapping[str, Any]) -> tuple[str, ...]:
-  """Keys the trainer fills in from the data: `train.num_steps` when `num_epochs` > 0."""
-  train = as_json(config).get("train", {})
-  return ("train.num_steps",) if float(train.get("num_epochs", 0) or 0) > 0 else ()
+  """Keys the trainer fills in from the data: `train.num_steps` when `num_epochs` > 0,
+  `data_info`, and the `DATA_DERIVED` fields the config leaves to the data."""
+  config = as_json(config)
+  train, data = config.get("train", {}), config.get("data", {})
+  keys = ["data_info"]
+  if float(train.get("num_epochs", 0) or 0) > 0:
+    keys.append("train.num_steps")
+  keys += [f"data.{k}" for k in DATA_DERIVED if k in data and not data[k]]
+  return tuple(keys)
 
 
 def _short(value: Any) -> str:

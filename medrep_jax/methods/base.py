@@ -86,7 +86,14 @@ class Stage(abc.ABC):
 
   @functools.cached_property
   def info(self) -> SourceInfo:
-    """The dataset's info (classes, channels, masks), read from its train split once."""
+    """The dataset's info (classes, channels, masks): what a finished run recorded in its
+    config (`data_info`), so a trained model loads without its data; otherwise read from
+    the train split once."""
+    recorded = self.config.get("data_info")
+    if recorded:
+      fields = {f.name for f in dataclasses.fields(SourceInfo)}
+      values = {k: v for k, v in dict(recorded).items() if k in fields}
+      return SourceInfo(**{**values, "class_names": tuple(values.get("class_names", ()))})
     return registry.get_source(self.config.data, "train").info
 
 

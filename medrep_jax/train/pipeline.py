@@ -160,14 +160,21 @@ def run_pipeline(config, workdir: str | pathlib.Path, *,
     finally:
       write_root()
     if jax.process_index() == 0:
-      write_pipeline_report(workdir, stages, results)
+      write_pipeline_report(workdir, stages, results,
+                            compare=[tuple(p) for p in config.get("compare", ())],
+                            labels=tuple(config.get("compare_labels", ())))
   return results
 
 
-def write_pipeline_report(workdir: pathlib.Path, stages: list[str],
-                          results: dict[str, Any]) -> pathlib.Path:
+def write_pipeline_report(workdir: pathlib.Path, stages: list[str], results: dict[str, Any],
+                          compare: list[tuple[str, str]] = (),
+                          labels: tuple[str, ...] = ()) -> pathlib.Path:
+  """WORKDIR/report.md: links to the stage reports, final metrics per stage, the
+  comparisons of `compare` (pairs of stages; table + figures/comparison.png) and figures."""
   lines = ["# Pipeline report", "", "| stage | report |", "|---|---|"]
   lines += [f"| {s} | [{s}/report.md]({s}/report.md) |" for s in stages]
+  if compare:
+    lines += compare_section(workdir, results, compare, labels)
   lines += ["", "## Final metrics per stage", ""]
   lines += ["| stage | metric | value |", "|---|---|---|"]
   for s in stages:
@@ -180,6 +187,41 @@ def write_pipeline_report(workdir: pathlib.Path, stages: list[str],
   path = workdir / "report.md"
   path.write_text("\n".join(lines) + "\n")
   return path
+
+
+def _bounded(key: str, values: tuple[float, ...]) -> bool:
+  """Metrics drawn in the comparison figure: scores in [0, 1] where higher is better
+  (precision and recall are left to the table; f1 sums them up)."""
+  skip = ("loss", "ece", "hd95", "error", "precision", "recall")
+  return (all(isinstance(v, (int, float)) and 0.0 <= v <= 1.0 for v in values)
+          and not any(w in key for w in skip))
+
+
+def compare_section(workdir: pathlib.Path, results: dict[str, Any],
+                    compare: list[tuple[str, str]], labels: tuple[str, ...]) -> list[str]:
+  """Markdown lines comparing pairs of stages on their common eval metrics, and a bar
+  figure of the bounded ones (figures/comparison.png)."""
+  first, second = labels or compare[0]
+  lines = ["", "## Comparison", "",
+           f"| task | metric | {first} | {second} | difference |", "|---|---|---|---|---|"]
+  groups: dict[str, dict[str, tuple[float, float]]] = {}
+  for a, b in compare:
+    ha, hb = _headline(results.get(a, {})), _headline(results.get(b, {}))
+    for key in [k for k in ha if k in hb and not k.endswith("_excluded")]:
+      va, vb = ha[key], hb[key]
+      if not (isinstance(va, (int, float)) and isinstance(vb, (int, float))):
+        continue
+      name = key.removeprefix("eval/")
+      lines.append(f"| {a} vs {b} | {name} | {report_lib.fmt(va)} | {report_lib.fmt(vb)} | "
+                   f"{va - vb:+.4g} |")
+      if _bounded(key, (va, vb)):
+        groups.setdefault(f"{a} vs {b}", {})[name] = (va, vb)
+  if groups:
+    from medrep_jax.eval import figures  # pylint: disable=g-import-not-at-top
+    figures.paired_bar_figure(groups, (first, second), workdir / "figures" / "comparison.png",
+                              ylabel="score (higher is better)")
+    lines += ["", "![comparison](figures/comparison.png)"]
+  return lines
 
 
 def _headline(result: dict[str, Any]) -> dict[str, Any]:

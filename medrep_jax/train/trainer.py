@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import json
 import math
 import logging
@@ -88,6 +89,21 @@ def write_config(config, workdir: pathlib.Path, changes: dict | None = None,
   if changes:
     workdir_lib.record_changes(workdir, changes, step)
   workdir_lib.write_json(workdir / "config.json", config_lib.to_dict(config))
+
+
+def record_data_info(config, info) -> None:
+  """Records what the data gave in the config, so config.json holds the values the run
+  really used and the model can be rebuilt without the data (`Stage.info`).
+
+  `config.data_info` gets the whole `SourceInfo`; data fields left to the data (0 or ())
+  get its values. Keys filled this way are ignored by the finished-run check
+  (`workdir.derived_keys`), since a new config still holds the "infer" value.
+  """
+  with config.unlocked():
+    config.data_info = dataclasses.asdict(info)
+  for key in workdir_lib.DATA_DERIVED:
+    if key in config.data and not config.data[key]:
+      config.data[key] = getattr(info, key)
 
 
 def note_changes(workdir: pathlib.Path, changes: dict, resume_step: int | None) -> None:
@@ -276,6 +292,7 @@ class Trainer:
       print(f"Run in {self.workdir} already finished at step {latest}; nothing to do.")
       return json.loads(done.read_text())
     train_source = self.method.make_source("train")
+    record_data_info(config, self.method.info)
     if float(tc.get("num_epochs", 0.0)) > 0:
       tc.num_steps = math.ceil(float(tc.num_epochs) * len(train_source) / int(tc.batch_size))
     num_steps = int(tc.num_steps)
