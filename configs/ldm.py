@@ -28,6 +28,8 @@ def stage_config(stage: str, *, data: str = "kermany", size: str = "paper",
                  seed: int = 0) -> mlc.ConfigDict:
   """One LDM stage's full config (every stage carries every field, so overrides work)."""
   c = config_lib.base_config("ldm")
+  # unet stage: encode at most this many train images to latents (0: the whole split).
+  c.train.max_train_examples = 0
   c.stage = stage
   c.seed = seed
   c.data = registry.data_config(data)
@@ -90,6 +92,7 @@ def stage_config(stage: str, *, data: str = "kermany", size: str = "paper",
     c.eval.update(dict(num_samples=16, ddim_steps=5, num_boot=5))
     c.sample.update(dict(num_images=16, sampler="ddim", steps=5, batch_size=8))
     c.filter.max_real = 64
+    c.train.max_train_examples = 64  # a smoke test encodes 64 images, not all of kermany
   return c
 
 

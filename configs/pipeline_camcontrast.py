@@ -35,7 +35,8 @@ def _downstream_encoder(ft: mlc.ConfigDict, pre: mlc.ConfigDict) -> None:
   ft.model.norm = pre.model.norm
   ft.model.unet_widths = tuple(pre.model.unet_widths)
   ft.model.decoder_widths = tuple(reversed(tuple(pre.model.unet_widths)[:-1]))
-  ft.data.channels = pre.data.channels  # e.g. RGB kvasir read as grey for a grey encoder
+  # e.g. RGB kvasir read as grey for a grey encoder (the preset's value when pre leaves it 0)
+  ft.data.channels = registry.fields_of(pre.data)["channels"]
   ft.init_from = "stage:pretrain"
   ft.init_from_rules = "encoder:encoder"
   ft.train.eval_split = "test"

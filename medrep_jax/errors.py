@@ -5,7 +5,8 @@ The error types here are shared by every layer. The command lines (`main`, and a
 `data.sources.DataError`, `OSError`) with `handled(...)` and print the message as one
 paragraph with no traceback, exit code 2 (DESIGN.md, principle 6). A message says what went
 wrong, names the file, key, array or shape, and says what to do. `--debug` or
-`MEDREP_DEBUG=1` shows the traceback instead.
+`MEDREP_DEBUG=1` shows the traceback instead. Library noise (XLA's C++ alarms, orbax's
+warnings) is hidden unless `--verbose` or `MEDREP_VERBOSE=1` (see `quiet.py`).
 
     def main(argv):
       errors.install_sigterm()
@@ -23,6 +24,7 @@ import sys
 from typing import Callable, Iterator
 
 from medrep_jax import config_lib
+from medrep_jax import quiet
 
 EXIT_USER_ERROR = 2
 EXIT_SIGTERM = 143
@@ -228,9 +230,20 @@ def add_debug_flag(parser) -> None:
                       help="show the Python traceback of an error")
 
 
+def add_verbose_flag(parser) -> None:
+  """`--verbose` for an argparse command (default on with MEDREP_VERBOSE=1). The filter
+  itself is installed by `command` (or `quiet.install`) before the arguments are parsed."""
+  parser.add_argument("--verbose", action="store_true",
+                      default=quiet.verbose_requested([]),
+                      help="show the libraries' log messages (XLA, orbax, JAX), hidden by "
+                           "default; also MEDREP_VERBOSE=1")
+
+
 def command(main: Callable[[], int]) -> None:
-  """Runs an argparse command's `main()`: SIGTERM gives a message and exit code 143, user
-  errors (also ValueError and KeyError) one paragraph and exit code 2 unless `--debug`."""
+  """Runs an argparse command's `main()`: library noise hidden unless `--verbose`, SIGTERM
+  gives a message and exit code 143, user errors (also ValueError and KeyError) one
+  paragraph and exit code 2 unless `--debug`."""
+  quiet.install(quiet.verbose_requested())
   install_sigterm()
   with handled(ValueError, KeyError):
     code = main()

@@ -97,6 +97,12 @@ def eval_config(run_config, overrides: dict[str, Any], split: str | None = None)
     _set(_section(config, section), field, value, key)
   if split:
     config.train.eval_split = str(split)
+  moved = {k: v for k, v in overrides.items() if k in ("data.name", "data.root")}
+  if "data_info" in config and any(v != run_config.data.get(k.split(".")[1])
+                                   for k, v in moved.items()):
+    # Other data describes itself (with the run's KEEP_FROM_RUN fields); a model that does
+    # not fit it then fails on restore, naming the array.
+    del config["data_info"]
   return config
 
 
@@ -243,6 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--name", default=None, help="output folder eval_<name> "
                       "(default: <data.name>_<split>)")
   errors.add_debug_flag(parser)
+  errors.add_verbose_flag(parser)
   args, rest = parser.parse_known_args(argv)
   final = evaluate_run(args.workdir, parse_overrides(rest), split=args.split,
                        name=args.name)

@@ -37,7 +37,7 @@ import flax.linen as nn
 import numpy as np
 from flax import serialization
 
-from medrep_jax import errors, methods
+from medrep_jax import errors, methods, quiet
 from medrep_jax.models import resnet, unet
 
 FORMATS = ("safetensors", "msgpack", "torch")
@@ -306,7 +306,7 @@ def describe(trained: methods.Trained, module: nn.Module, variables: Mapping[str
   """The `model.json` of an export (without the torch names; `export` adds them)."""
   c = trained.config
   size = int(c.data.image_size)
-  channels = c.data.get("channels", None)
+  channels = trained.stage.channels
   outputs, classes = _outputs(trained, module)
   arrays = [{"path": p, "shape": list(a.shape), "dtype": a.dtype.name}
             for p, a in flatten(variables).items()]
@@ -465,6 +465,7 @@ def _parser() -> argparse.ArgumentParser:
                       "(safetensors, msgpack)")
   p.add_argument("--debug", action="store_true", default=os.environ.get(
       "MEDREP_DEBUG", "") not in ("", "0"), help="show Python tracebacks (also MEDREP_DEBUG=1)")
+  errors.add_verbose_flag(p)
   return p
 
 
@@ -488,4 +489,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  quiet.install(quiet.verbose_requested())  # library noise hidden unless --verbose
   sys.exit(main())

@@ -144,7 +144,7 @@ class TrainedModel:
 
   @functools.cached_property
   def channels(self) -> int:
-    return int(self.config.data.get("channels") or 0) or int(self.stage.info.channels)
+    return self.stage.channels
 
   @functools.cached_property
   def classes(self) -> tuple[str, ...]:

@@ -11,11 +11,14 @@ is refused unless `--allow_config_change`.
 Errors a user can fix (a bad config or override, bad data, a held or unwritable workdir,
 a changed config, a NaN) print one paragraph and exit with code 2, with no traceback;
 `--debug` or `MEDREP_DEBUG=1` shows it. SIGTERM exits with code 143 and a message.
+
+The console shows the run's own output (progress bar, evaluation lines, messages); the
+libraries' noise (XLA's C++ alarms, orbax's warnings, INFO logs) is hidden unless
+`--verbose` or `MEDREP_VERBOSE=1` (`medrep_jax/quiet.py`).
 """
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import sys
 
@@ -26,6 +29,7 @@ from ml_collections import config_flags
 
 from medrep_jax import config_lib
 from medrep_jax import errors
+from medrep_jax import quiet
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file "
                                           "[:variant args].", lock_config=True)
@@ -37,6 +41,9 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "is recorded in WORKDIR/config_history.jsonl.")
 _DEBUG = flags.DEFINE_bool("debug", False, "Show Python tracebacks of errors (also "
                            "MEDREP_DEBUG=1).")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the libraries' log messages (XLA's "
+                             "C++ logs, orbax, JAX), hidden by default (also "
+                             "MEDREP_VERBOSE=1).")
 _LIST = flags.DEFINE_bool("list", False, "Print the configs with their variant args and "
                           "allowed values, the methods and their stages, and the datasets; "
                           "then exit.")
@@ -117,8 +124,7 @@ def _run(config, workdir: str) -> None:
 def main(argv) -> None:
   del argv
   errors.install_sigterm()
-  for name in ("absl", "jax._src.xla_bridge"):  # keep the console for the run's own output
-    logging.getLogger(name).setLevel(logging.WARNING)
+  quiet.install(_VERBOSE.value or quiet.verbose_requested())  # again: after absl's set-up
   from medrep_jax.data.sources import DataError  # pylint: disable=g-import-not-at-top
   with errors.handled(DataError):
     if _LIST.value:
@@ -134,6 +140,7 @@ def main(argv) -> None:
 
 
 def run() -> None:
+  quiet.install(quiet.verbose_requested())  # before the config files import JAX
   app.run(main, flags_parser=functools.partial(errors.parse_flags, usage=USAGE))
 
 

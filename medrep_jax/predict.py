@@ -142,6 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--no_progress", action="store_true", help="no progress bar")
   errors.add_debug_flag(parser)
+  errors.add_verbose_flag(parser)
   args = parser.parse_args(argv)
   got = predict_folder(args.workdir, args.input, args.output, batch_size=args.batch_size,
                        progress=not args.no_progress)

@@ -1,5 +1,6 @@
 """The command line: SIGTERM + resume equivalence, overrides, and every config's tiny run."""
 import json
+import logging
 import os
 import pathlib
 import signal
@@ -126,3 +127,137 @@ def test_print_config_shows_overrides_and_writes_nothing(tmp_path):
   assert r.returncode == 0, r.stderr
   assert "method: finetune" in r.stdout and "lr: 0.5" in r.stdout
   assert not workdir.exists()
+
+
+# ------------------------------------------------------------------ library noise, --verbose
+
+# Run in a subprocess (the filter is process-wide): JAX is imported before the filter, as
+# under `main` (the config files import it), then orbax warns and our own messages print.
+NOISE_SCRIPT = r"""
+import logging, os, sys, warnings
+import jax
+from medrep_jax import quiet
+quiet.install(quiet.verbose_requested())
+print("TF_CPP_MIN_LOG_LEVEL=" + os.environ.get("TF_CPP_MIN_LOG_LEVEL", "unset"), flush=True)
+import numpy as np, orbax.checkpoint as ocp
+manager = ocp.CheckpointManager(sys.argv[1])
+manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave({"a": np.ones(3)})))
+manager.wait_until_finished()
+manager.close()
+with ocp.StandardCheckpointer() as ckptr:  # the state item alone: orbax warns (absl)
+  ckptr.metadata(os.path.join(sys.argv[1], "0", "state"))
+logging.getLogger("matplotlib.font_manager").warning("a library warning")
+logging.getLogger("jax._src.xla_bridge").info("a library note")
+warnings.warn("Some donated buffers were not usable: float32[3]")
+logging.getLogger("medrep_jax.data").warning("our warning")
+logging.getLogger("orbax.checkpoint").error("a library error")
+print("our output", flush=True)
+"""
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+  """os.environ without the variables under test, plus `extra`."""
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("TF_CPP_MIN_LOG_LEVEL", "MEDREP_VERBOSE")}
+  return {**env, **extra}
+
+
+def run_noise_script(workdir, *args, **env):
+  return subprocess.run([sys.executable, "-c", NOISE_SCRIPT, str(workdir), *args],
+                        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                        env=clean_env(**env))
+
+
+def test_library_noise_hidden_by_default_and_shown_with_verbose(tmp_path):
+  quiet_run = run_noise_script(tmp_path / "a")
+  assert quiet_run.returncode == 0, quiet_run.stderr
+  for ours in ("our output", "TF_CPP_MIN_LOG_LEVEL=3"):
+    assert ours in quiet_run.stdout
+  for ours in ("our warning", "a library error", "a library warning"):
+    assert ours in quiet_run.stderr
+  for noise in ("Metadata file does not exist", "donated buffers", "a library note"):
+    assert noise not in quiet_run.stderr, quiet_run.stderr
+  verbose_run = run_noise_script(tmp_path / "b", "--verbose")  # or MEDREP_VERBOSE=1
+  assert verbose_run.returncode == 0, verbose_run.stderr
+  assert "TF_CPP_MIN_LOG_LEVEL=1" in verbose_run.stdout  # JAX's default
+  for message in ("Metadata file does not exist", "donated buffers", "our warning"):
+    assert message in verbose_run.stderr
+
+
+def test_user_log_level_is_kept(tmp_path):
+  r = run_noise_script(tmp_path, TF_CPP_MIN_LOG_LEVEL="2")
+  assert r.returncode == 0, r.stderr
+  assert "TF_CPP_MIN_LOG_LEVEL=2" in r.stdout
+
+
+def test_noise_filter_passes_ours_and_errors(monkeypatch):
+  from medrep_jax import quiet
+
+  def record(name, level, pathname):
+    return logging.LogRecord(name, level, pathname, 1, "message", (), None)
+
+  orbax_file = os.path.join("site-packages", "orbax", "checkpoint", "manager.py")
+  ours = str(REPO_ROOT / "medrep_jax" / "data" / "sources.py")
+  keep = [record("absl", logging.ERROR, orbax_file), record("root", logging.WARNING, ours),
+          record("medrep_jax.train.trainer", logging.INFO, ours),
+          record("matplotlib", logging.WARNING, "matplotlib/x.py")]
+  drop = [record("absl", logging.WARNING, orbax_file), record("absl", logging.INFO, "x.py"),
+          record("jax._src.xla_bridge", logging.INFO, "jax/_src/xla_bridge.py")]
+  noise = quiet.NoiseFilter()
+  assert [noise.filter(r) for r in keep] == [True] * len(keep)
+  assert [noise.filter(r) for r in drop] == [False] * len(drop)
+  monkeypatch.delenv("MEDREP_VERBOSE", raising=False)
+  assert quiet.verbose_requested(["prog", "--verbose"])
+  assert not quiet.verbose_requested(["prog", "--noverbose"])
+  monkeypatch.setenv("MEDREP_VERBOSE", "1")
+  assert quiet.verbose_requested(["prog"])
+
+
+ALARM_SCRIPT = r"""
+import sys, time
+import jax, jax.numpy as jnp, numpy as np
+from medrep_jax import quiet
+quiet.install(quiet.verbose_requested())
+const = np.random.RandomState(0).rand(12_000).astype(np.float32)
+start = time.time()  # XLA constant-folds the sort of a constant (slow_operation_alarm > 1 s)
+jax.jit(lambda: jnp.sort(jnp.asarray(const))[-1])().block_until_ready()
+print(f"seconds={time.time() - start:.2f}", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_xla_slow_operation_alarm_hidden_unless_verbose():
+  runs = {flag: subprocess.run([sys.executable, "-c", ALARM_SCRIPT, *flag], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=300, env=clean_env())
+          for flag in ((), ("--verbose",))}
+  for r in runs.values():
+    assert r.returncode == 0, r.stderr
+    seconds = float(r.stdout.split("seconds=")[1])
+    if seconds < 1.5:
+      pytest.skip(f"constant folding took {seconds:.2f}s: too fast to raise the alarm")
+  assert "slow_operation_alarm" not in runs[()].stderr, runs[()].stderr
+  assert "Constant folding an instruction is taking" in runs[("--verbose",)].stderr
+
+
+def test_commands_accept_verbose(tmp_path, capsys):
+  r = subprocess.run(cli(tmp_path / "run", "--print_config", "--verbose"), cwd=REPO_ROOT,
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr
+  from medrep_jax import evaluate, export, predict
+  for module in (predict, evaluate, export):
+    with pytest.raises(SystemExit) as exit_info:
+      module.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--verbose" in capsys.readouterr().out, module.__name__
+
+
+@pytest.mark.xdist_group("finetune")  # reuses the tiny finetune run of the test above
+def test_tensorboard_has_learning_rate_and_figures(tiny_run):
+  from tensorboard.backend.event_processing import event_accumulator
+  events = event_accumulator.EventAccumulator(str(tiny_run("finetune") / "tb"),
+                                              size_guidance={"images": 0})
+  events.Reload()
+  assert "lr" in events.Tags()["scalars"]
+  assert "figures/confusion_matrix" in events.Tags()["images"], events.Tags()
+  image = events.Images("figures/confusion_matrix")[-1]
+  assert image.step == 2 and image.width > 100 and image.height > 100

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from medrep_jax.data import transforms as T
+from medrep_jax.data.imageio import resize_mask
 from medrep_jax.data.phantoms import Phantoms
 from medrep_jax.data.sources import DataError
 
@@ -96,3 +97,56 @@ def test_normalize_channels_cast_and_checks():
     T.Resize(16).map(bad)
   with pytest.raises(DataError, match="Normalize mode"):
     T.Normalize("zscore")
+
+
+def _with_regions(rec, k=3):
+  """`rec` plus a region mask "roi" and K stacked masks "masks" of its size."""
+  h, w = rec["mask"].shape
+  rng = np.random.default_rng(1)
+  roi = np.zeros((h, w), np.uint8)
+  roi[h // 4:, : w // 2] = 1
+  masks = rng.integers(0, 2, (k, h, w)).astype(np.uint8)
+  return {**rec, "roi": roi, "masks": masks}
+
+
+def test_roi_and_stacked_masks_follow_the_image():
+  rec = _with_regions(_record())
+  out = T.Resize((17, 23)).map(rec)
+  np.testing.assert_array_equal(out["roi"], resize_mask(rec["roi"], (17, 23)))
+  assert out["masks"].shape == (3, 17, 23) and out["masks"].dtype == np.uint8
+  for k in range(3):  # nearest, each mask like "mask"
+    np.testing.assert_array_equal(out["masks"][k], resize_mask(rec["masks"][k], (17, 23)))
+  crop = T.CenterCrop(10).map(rec)
+  np.testing.assert_array_equal(crop["roi"], rec["roi"][15:25, 20:30])
+  np.testing.assert_array_equal(crop["masks"], rec["masks"][:, 15:25, 20:30])
+  full = T.apply_transforms(rec, T.build_transforms(_cfg()))
+  assert full["roi"].shape == (32, 32) and full["masks"].shape == (3, 32, 32)
+  assert set(np.unique(full["roi"])) == {0, 1}
+  with pytest.raises(DataError, match=r"element 7.*\(40, 50, 3\).*roi shape \(40, 49\)"):
+    T.CheckShapes(40).map(dict(rec, roi=rec["roi"][:, 1:]))
+  with pytest.raises(DataError, match=r"masks shape \(3, 40, 49\) \(K masks first\)"):
+    T.Resize(16).map(dict(rec, masks=rec["masks"][..., 1:]))
+
+
+def test_whole_volumes_resize_in_plane_and_keep_depth():
+  rng = np.random.default_rng(2)
+  vol = {"image": rng.uniform(-1000, 1000, (5, 40, 50, 1)).astype(np.float32),
+         "mask": rng.integers(0, 3, (5, 40, 50)).astype(np.uint8),
+         "roi": np.ones((5, 40, 50), np.uint8), "index": np.int64(3)}
+  tfs = T.build_transforms(_cfg(channels=1, window_level=0.0, window_width=2000.0))
+  out = T.apply_transforms(vol, tfs)
+  assert out["image"].shape == (5, 32, 32, 1) and out["image"].dtype == np.float32
+  assert out["mask"].shape == out["roi"].shape == (5, 32, 32)
+  for d in range(5):  # each slice as the 2-D pipeline makes it
+    plane = T.apply_transforms({"image": vol["image"][d], "mask": vol["mask"][d]}, tfs)
+    np.testing.assert_allclose(out["image"][d], plane["image"], atol=1e-6)
+    np.testing.assert_array_equal(out["mask"][d], plane["mask"])
+  crop = T.CenterCrop(8).map(vol)
+  np.testing.assert_array_equal(crop["image"], vol["image"][:, 16:24, 21:29])
+  np.testing.assert_array_equal(crop["mask"], vol["mask"][:, 16:24, 21:29])
+  rgb = T.ToChannels(3).map(vol)["image"]
+  assert rgb.shape == (5, 40, 50, 3)
+  with pytest.raises(DataError, match=r"element 3.*\(5, 40, 50, 1\).*mask shape \(40, 50\)"):
+    T.Resize(8).map(dict(vol, mask=vol["mask"][0]))
+  with pytest.raises(DataError, match=r"image shape \(40, 50\).*data.volume='whole'"):
+    T.Resize(8).map({"image": vol["image"][0, ..., 0]})

@@ -266,7 +266,7 @@ def test_eval_config_overrides():
   cfg = evaluate.eval_config(run_config, {"data.name": "kvasir_seg", "data.root": "/x",
                                           "train.max_eval_examples": 4}, split="test")
   assert (cfg.data.name, cfg.data.root, cfg.data.mask_threshold) == ("kvasir_seg", "/x", 127)
-  assert (cfg.data.image_size, cfg.data.channels) == (32, 1)  # the model's preprocessing
+  assert (cfg.data.image_size, cfg.data.channels) == (32, 0)  # the model's preprocessing
   assert (cfg.train.eval_split, cfg.train.max_eval_examples) == ("test", 4)
   assert run_config.data.name == "phantoms"  # the run's config is not changed
   assert evaluate.parse_overrides(["--config.data.root=/a", "--config.train.eval_batch_size",

@@ -207,6 +207,66 @@ def test_hd95_empty_is_nan_and_all_excluded():
     M.segmentation_metrics(a, b[:, :4], 2)
 
 
+def _loop_region_metrics(pred, true, valid, num_classes):
+  """Dice, IoU and pixel accuracy from the pixels inside `valid`, one image at a time."""
+  dice, iou, acc = [], [], []
+  for c in range(1, num_classes):
+    d, j = [], []
+    for i in range(pred.shape[0]):
+      p, t = pred[i][valid[i] > 0] == c, true[i][valid[i] > 0] == c
+      both, either, total = int((p & t).sum()), int((p | t).sum()), int(p.sum() + t.sum())
+      d.append(1.0 if total == 0 else 2 * both / total)
+      j.append(1.0 if either == 0 else both / either)
+    dice.append(np.mean(d))
+    iou.append(np.mean(j))
+  for i in range(pred.shape[0]):
+    inside = valid[i] > 0
+    if inside.any():
+      acc.append(np.mean(pred[i][inside] == true[i][inside]))
+  return np.mean(dice), np.mean(iou), np.mean(acc)
+
+
+@pytest.mark.parametrize("seed,num_classes", [(0, 2), (1, 3), (2, 2)])
+def test_region_metrics_match_numpy_reference(seed, num_classes):
+  rng = np.random.default_rng(seed)
+  true = rng.integers(0, num_classes, (4, 12, 10))
+  pred = np.where(rng.random(true.shape) < 0.7, true, rng.integers(0, num_classes, true.shape))
+  yy, xx = np.mgrid[:12, :10]
+  valid = np.broadcast_to(((yy - 6) ** 2 + (xx - 5) ** 2 <= 20), true.shape).copy()
+  valid[3] = False  # an image with no valid pixel: no accuracy, Dice and IoU of empty = 1
+  m = M.segmentation_metrics(pred, true, num_classes, valid=valid.astype(np.uint8))
+  dice, iou, acc = _loop_region_metrics(pred, true, valid, num_classes)
+  assert m["dice"] == pytest.approx(dice)
+  assert m["iou"] == pytest.approx(iou)
+  assert m["pixel_accuracy"] == pytest.approx(acc)
+  everywhere = np.ones_like(valid)
+  full = M.segmentation_metrics(pred, true, num_classes)
+  dice, iou, acc = _loop_region_metrics(pred, true, everywhere, num_classes)
+  assert (full["dice"], full["iou"]) == (pytest.approx(dice), pytest.approx(iou))
+  assert full["pixel_accuracy"] == pytest.approx(acc)
+  assert full == M.segmentation_metrics(pred, true, num_classes, valid=everywhere)
+  hd = M.segmentation_metrics(pred, true, num_classes, valid=valid)["hd95"]
+  masked = M.segmentation_metrics(np.where(valid, pred, 0), np.where(valid, true, 0),
+                                  num_classes)["hd95"]
+  assert hd == pytest.approx(masked, nan_ok=True)
+
+
+def test_pixel_accuracy_hand_case_and_errors_outside_the_region():
+  true = np.zeros((2, 2, 4), int)
+  pred = np.zeros((2, 2, 4), int)
+  true[0, 0, :2] = 1             # image 0: pred misses 2 of 8 pixels -> 6/8
+  pred[1, :, 3] = 1              # image 1: 2 false positives in column 3 -> 6/8
+  assert M.pixel_accuracy(pred, true) == pytest.approx(0.75)
+  valid = np.ones((2, 2, 4), bool)
+  valid[:, :, 3] = False         # the false positives lie outside the field of view
+  assert M.pixel_accuracy(pred, true, valid) == pytest.approx((4 / 6 + 1.0) / 2)
+  m = M.segmentation_metrics(pred, true, 2, valid=valid)
+  assert m["dice"] == pytest.approx((0.0 + 1.0) / 2)  # image 1 is empty inside: 1
+  assert math.isnan(M.pixel_accuracy(pred, true, np.zeros_like(valid)))
+  with pytest.raises(ValueError, match=r"ROI.*\(2, 4\)"):
+    M.segmentation_metrics(pred, true, 2, valid=valid[0])
+
+
 # ----------------------------------------------------------------- figures
 
 
@@ -252,3 +312,28 @@ def test_overlay_colors_foreground_only():
   assert out.shape == (6, 6, 3)
   np.testing.assert_array_equal(out[0, 0], 0.0)  # background untouched
   assert out[3, 3].sum() > 0 and out[2, 2].sum() > out[3, 3].sum()  # boundary opaque
+
+
+def test_finetune_segmentation_eval_scores_inside_the_roi(tmp_path):
+  from conftest import load_config  # pylint: disable=g-import-not-at-top
+  from medrep_jax.methods import base, finetune  # pylint: disable=g-import-not-at-top
+  method = finetune.Finetune(load_config("finetune", "size=tiny,task=segmentation,data=phantoms"),
+                             tmp_path)
+  rng = np.random.default_rng(5)
+  true = rng.integers(0, 2, (3, 8, 8)).astype(np.uint8)
+  pred = true.copy()
+  pred[:, :, 6:] = 1 - pred[:, :, 6:]  # every error lies in the last two columns
+  roi = np.ones_like(true)
+  roi[:, :, 6:] = 0
+  outputs = {"index": np.arange(3), "pred": pred, "mask": true,
+             "prob": pred.astype(np.float16)}
+  ctx = base.EvalContext(workdir=tmp_path, step=0, final=False, split="val")
+  num_classes = max(2, method.info.num_mask_classes)
+  plain = method.evaluate(outputs, None, ctx).metrics
+  want = M.segmentation_metrics(pred, true, num_classes)
+  assert plain["dice"] == pytest.approx(want["dice"]) and want["dice"] < 1
+  assert plain["pixel_accuracy"] == pytest.approx(0.75)
+  inside = method.evaluate({**outputs, "roi": roi}, None, ctx).metrics
+  assert inside["dice"] == pytest.approx(1.0) and inside["pixel_accuracy"] == 1.0
+  assert inside["ece_pixel"] == pytest.approx(M.ece(pred[roi > 0].astype(np.float32),
+                                                     true[roi > 0].astype(np.int64)))

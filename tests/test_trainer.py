@@ -180,3 +180,14 @@ def test_pipeline_report_compares_pairs_of_stages(tmp_path):
   assert "| seg vs seg_random | hd95 | 3 | 5 | -2 |" in text
   assert "![comparison](figures/comparison.png)" in text
   assert (tmp_path / "figures" / "comparison.png").stat().st_size > 1000
+
+
+@pytest.mark.xdist_group("quickstart")  # shares test_cli's tiny_run("quickstart")
+def test_tiny_quickstart_writes_the_comparison(tiny_run):
+  root = tiny_run("quickstart")
+  text = (root / "report.md").read_text()
+  assert "| probe vs probe_random | accuracy |" in text
+  assert "| segment vs segment_random | dice |" in text
+  assert (root / "figures" / "comparison.png").exists()
+  assert json.loads((root / "probe" / "config.json").read_text())["init_from"] == str(
+      root / "pretrain")

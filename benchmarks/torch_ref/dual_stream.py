@@ -34,6 +34,7 @@ from torch import nn
 from benchmarks.torch_ref import flax_io
 from benchmarks.torch_ref import heads
 from benchmarks.torch_ref.resnet import ResNet
+from medrep_jax.data import registry
 
 
 class ContrastiveNet(nn.Module):
@@ -54,7 +55,10 @@ def net_from_config(config: Any) -> ContrastiveNet:
   if loss.global_stream != "dual" or loss.local_stream != "simsiam" or loss.nt_xent:
     raise ValueError("the torch reference implements the dual-stream step only "
                      "(global_stream=dual, local_stream=simsiam)")
-  encoder = ResNet(m.encoder, int(config.data.channels), bool(m.small_input))
+  channels = int(registry.fields_of(config.data)["channels"])  # the preset's when left 0
+  if not channels:
+    raise ValueError("set data.channels: the torch reference needs the input channels")
+  encoder = ResNet(m.encoder, channels, bool(m.small_input))
   d = encoder.feature_dim
   if m.projector == "cstp":
     projector = heads.CrossScaleTokenProjection(d, int(m.cstp_width), int(m.embed_dim),

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from medrep_jax.data import subsets
+from medrep_jax.data.sources import DataError
 
 
 class _ProcessBlock(grain.MapDataset):
@@ -45,6 +46,37 @@ class _ProcessBlock(grain.MapDataset):
     return f"_ProcessBlock(global={self._global}, local={self._local}, offset={self._offset})"
 
 
+def _hint(key: str, shapes: list[tuple[int, ...]]) -> str:
+  if key == "masks":
+    return ("data.mask_combine='stack' keeps every mask of an image, and these images have "
+            "different numbers of masks; choose masks by name (data.mask_choose) or combine "
+            "them (data.mask_combine='union'|'majority'|'first')")
+  if key in ("image", "mask", "roi") and any(len(s) >= 3 + (key == "image") for s in shapes):
+    return ("whole volumes (data.volume='whole') of different depths batch only with a batch "
+            "size of 1 (train.batch_size, train.eval_batch_size); or read slices "
+            "(data.volume='slices')")
+  return "add a transform that gives every element the same shape (data.image_size)"
+
+
+def stack_records(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  """Stacks records into a batch; a DataError names the field whose shapes differ."""
+  first = records[0]
+  if not isinstance(first, dict):
+    return jax.tree.map(lambda *xs: np.stack(xs), *records)
+  keys = set(first)
+  for rec in records[1:]:
+    if set(rec) != keys:
+      raise DataError(f"elements {first.get('index', '?')} and {rec.get('index', '?')} have "
+                      f"different fields {sorted(keys)} and {sorted(rec)}; every element of "
+                      "a dataset needs the same fields (a mask, data.roi_mask, a label)")
+  for key in first:
+    shapes = [np.shape(r[key]) for r in records]
+    if len(set(shapes)) > 1:
+      raise DataError(f"cannot batch field {key!r}: its shapes differ within a batch "
+                      f"({sorted(set(shapes))[:4]}); {_hint(key, shapes)}")
+  return jax.tree.map(lambda *xs: np.stack(xs), *records)
+
+
 def _apply(ds: grain.MapDataset, transforms: Sequence[Any], seed: int) -> grain.MapDataset:
   for t in transforms:
     if isinstance(t, grain.transforms.RandomMap):
@@ -66,7 +98,7 @@ def train_dataset(source, transforms: Sequence[Any], *, global_batch: int, seed:
   ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
   ds = _apply(ds, transforms, seed)
   ds = _ProcessBlock(ds, global_batch, pi, pc)
-  return ds.batch(global_batch // pc, drop_remainder=True)
+  return ds.batch(global_batch // pc, drop_remainder=True, batch_fn=stack_records)
 
 
 def iterate(ds: grain.MapDataset, *, num_threads: int = 4, prefetch: int = 64,
@@ -126,6 +158,7 @@ def eval_batches(source, transforms: Sequence[Any], *, global_batch: int,
       subsets.spread_subset(source, n) if n < len(source) else source)
   ds = grain.MapDataset.source(_Padded(base, num_batches * global_batch))
   ds = _apply(ds, transforms, seed=0)
-  ds = _ProcessBlock(ds, global_batch, pi, pc).batch(global_batch // pc)
+  ds = _ProcessBlock(ds, global_batch, pi, pc).batch(global_batch // pc,
+                                                     batch_fn=stack_records)
   yield from ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                   prefetch_buffer_size=2 * global_batch))

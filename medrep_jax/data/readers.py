@@ -1,14 +1,15 @@
 """Generic readers for user data: image folders, image+mask folders, MedMNIST.
 
-Split layout (ImageFolder, ImageMaskFolder, DicomFolder): if `root/<split>/`
-exists it is read as is. Splits without a folder are carved deterministically
-out of `root/train/` (or out of `root/` when there are no split folders) with
-`val_fraction`/`test_fraction` and `seed`; carving is stratified by class. The
-extra split "all" reads everything without carving.
+`ImageFolder` and `ImageMaskFolder` are configurations of the one folder reader
+(`folder.FolderSource`: patterns, pairing, splits in `catalog.py`). Split layout:
+if `root/<split>/` exists it is read as is. Splits without a folder are carved
+deterministically out of `root/train/` (or out of `root/` when there are no split
+folders) with `val_fraction`/`test_fraction` and `seed`; carving is stratified by
+class. The extra split "all" reads everything without carving. A folder holding
+only `test/` reads as split "test" (or "all").
 """
 from __future__ import annotations
 
-import logging
 import os
 import pathlib
 import zipfile
@@ -16,91 +17,58 @@ from typing import Sequence
 
 import numpy as np
 
-from medrep_jax.data import imageio
-from medrep_jax.data.sources import (SPLITS, DataError, Record, Source, SourceInfo, carve_split,
-                                     check_fractions, check_split)
+from medrep_jax.data import catalog, folder, imageio, masks, pairing
+from medrep_jax.data.sources import DataError, Record, Source, SourceInfo, check_split
 
 PathLike = str | os.PathLike
 
 
-def resolve_split(root: pathlib.Path, split: str, val_fraction: float,
-                  test_fraction: float) -> tuple[pathlib.Path, str, float, float]:
-  """Maps (root, split) to (base folder, split to carve, val/test fractions)."""
-  check_split(split)
-  check_fractions(val_fraction, test_fraction)
-  if not root.is_dir():
-    raise DataError(f"data root folder {root} does not exist; check the path (data.root)")
-  present = {s for s in SPLITS if (root / s).is_dir()}
-  if not present or split == "all" and "train" not in present:
-    return root, split, val_fraction, test_fraction
-  if split in present and split != "train":
-    return root / split, "all", 0.0, 0.0
-  if "train" not in present:
-    raise DataError(f"{root} has split folders {sorted(present)} but no {split}/ or train/ "
-                    f"folder to carve {split!r} from")
-  return (root / "train", split, 0.0 if "val" in present else val_fraction,
-          0.0 if "test" in present else test_fraction)
+def _join(*parts: str) -> str:
+  return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
 
 
-def _class_folders(roots: Sequence[pathlib.Path]) -> list[str]:
-  names = set()
-  for r in roots:
-    if r.is_dir():
-      names |= {p.name for p in r.iterdir() if p.is_dir() and not p.name.startswith(".")}
-  return sorted(names)
-
-
-def _split_roots(root: pathlib.Path) -> list[pathlib.Path]:
-  present = [root / s for s in SPLITS if (root / s).is_dir()]
-  return present or [root]
-
-
-class ImageFolder(Source):
+class ImageFolder(folder.FolderSource):
   """Classification images in class subfolders: `<base>/<class>[/<image_subdir>]/*`.
 
   Class ids follow `class_names` (default: sorted folder names across all
-  split folders). Supported files: jpg, jpeg, png, bmp, tif, tiff, gif.
+  split folders). Supported files: `formats.SUPPORTED` (images, arrays, volumes)
+  and DICOM. `channels=None` keeps the stored channels.
   """
 
   def __init__(self, root: PathLike, split: str = "train", *, channels: int | None = None,
                image_subdir: str = "", class_names: Sequence[str] | None = None,
                num_classes: int | None = None, val_fraction: float = 0.1,
                test_fraction: float = 0.1, seed: int = 0, skip_corrupt: bool = False,
-               name: str | None = None):
-    root = pathlib.Path(root)
-    base, carve, vf, tf = resolve_split(root, split, val_fraction, test_fraction)
-    names = list(class_names) if class_names else _class_folders(_split_roots(root))
-    if num_classes is not None and len(names) > num_classes:
-      raise DataError(f"{root}: found {len(names)} class folders {names}, so labels reach "
-                      f"{len(names) - 1}, outside [0, num_classes={num_classes})")
-    paths, labels = [], []
-    for label, cls in enumerate(names):
-      found = imageio.list_images(base / cls / image_subdir)
-      paths += found
-      labels += [label] * len(found)
-    keep = carve_split(labels, carve, val_fraction=vf, test_fraction=tf, seed=seed)
-    if not len(keep):
-      sub = f"/{image_subdir}" if image_subdir else ""
-      raise DataError(
-          f"no images for split {split!r} in {base} (classes {names}). Expected layout:\n"
-          f"  {root}/<class>{sub}/*.png|jpg|...  or  {root}/{{train,val,test}}/<class>{sub}/*\n"
-          "with one folder per class")
-    self.paths = [paths[i] for i in keep]
-    self.labels = np.asarray(labels, np.int32)[keep]
-    self.channels = channels or imageio.probe_channels(paths)
-    self.skip_corrupt = skip_corrupt
-    self.info = SourceInfo(name=name or root.name, num_classes=num_classes or len(names),
-                           class_names=tuple(names), channels=self.channels)
-
-  def _num_elements(self) -> int:
-    return len(self.paths)
-
-  def _load(self, index: int) -> Record:
-    return {"image": imageio.decode_image(self.paths[index], self.channels),
-            "label": np.int32(self.labels[index])}
+               group_by: str = "", name: str | None = None):
+    sub = f"/{image_subdir}" if image_subdir else ""
+    spec = catalog.Spec(
+        images=_join("{class}", image_subdir, "*"), class_names=tuple(class_names or ()),
+        group_by=group_by, val_fraction=val_fraction, test_fraction=test_fraction,
+        seed=seed, hint=(f"Expected layout:\n  {root}/<class>{sub}/*.png|jpg|...  or  "
+                         f"{root}/{{train,val,test}}/<class>{sub}/*\nwith one folder per "
+                         "class"))
+    super().__init__(root, split, spec=spec, channels=channels, num_classes=num_classes,
+                     skip_corrupt=skip_corrupt, name=name)
+    self.paths = [self.root / it.path for it in self.catalog.items]
+    self.labels = np.asarray([it.label for it in self.catalog.items], np.int32)
 
 
-class ImageMaskFolder(Source):
+def check_mask_dirs(root: pathlib.Path, image_dir: str, mask_dir: str) -> None:
+  """A DataError when images sit in `image_dir` but `mask_dir` is missing beside it."""
+  if not root.is_dir():
+    return
+  bases = [root] + [p for p in root.iterdir() if p.is_dir()]
+  bases += [q for p in bases[1:] for q in p.iterdir() if q.is_dir()]
+  for base in bases:
+    if imageio.list_images(base / image_dir) and not (base / mask_dir).is_dir():
+      present = sorted(p.name for p in base.iterdir() if p.is_dir())
+      raise DataError(f"the mask folder {base / mask_dir} does not exist (data.mask_dir="
+                      f"{mask_dir!r}); folders in {base}: {present}. Set data.mask_dir to "
+                      f"the folder that holds the masks. Check with "
+                      f"`{pairing.INSPECT_HINT}`")
+
+
+class ImageMaskFolder(folder.FolderSource):
   """Segmentation pairs `<base>[/<class>]/{image_dir,mask_dir}/*`, paired by stem.
 
   A mask file is named `<image stem><mask_suffix>.<any ext>`. Mask values:
@@ -112,6 +80,9 @@ class ImageMaskFolder(Source):
   (`mask_from_label` then marks foreground with the label id);
   `labels_from_mask` gives label 1 when the mask has foreground. A mask whose
   size differs from its image raises, unless `resize_masks` (nearest resize).
+  An image without a mask raises, unless `skip_corrupt` (then it is skipped and
+  listed in `skipped`). For other layouts use `folder.FolderSource` patterns
+  (`data.images`, `data.mask`).
   """
 
   def __init__(self, root: PathLike, split: str = "train", *, image_dir: str = "images",
@@ -121,115 +92,31 @@ class ImageMaskFolder(Source):
                mask_from_label: bool = False, labels_from_mask: bool = False,
                resize_masks: bool = False, val_fraction: float = 0.1,
                test_fraction: float = 0.1, seed: int = 0, skip_corrupt: bool = False,
-               name: str | None = None):
+               group_by: str = "", name: str | None = None):
     root = pathlib.Path(root)
-    base, carve, vf, tf = resolve_split(root, split, val_fraction, test_fraction)
-    if classes is True:
-      names = _class_folders(_split_roots(root))
-    else:
-      names = list(classes or [])
-    if labels_from_mask and names:
-      raise DataError("use either classes or labels_from_mask, not both")
-    if mask_from_label and not names:
-      raise DataError("mask_from_label needs class folders (classes=True or a list of names)")
-    self.skip_corrupt = skip_corrupt
-    pairs, labels = [], []
-    for label, sub in enumerate(names or [""]):
-      found = self._pair(base / sub, image_dir, mask_dir, mask_suffix)
-      pairs += found
-      labels += [label] * len(found)
-    keep = carve_split(labels, carve, val_fraction=vf, test_fraction=tf, seed=seed)
-    if not len(keep):
-      cls = "<class>/" if names else ""
-      raise DataError(
-          f"no image/mask pairs for split {split!r} in {base} (data.image_dir={image_dir!r}, "
-          f"data.mask_dir={mask_dir!r}). Expected layout:\n"
-          f"  {root}/{cls}{image_dir}/<stem>.jpg|png|...\n"
-          f"  {root}/{cls}{mask_dir}/<stem>{mask_suffix}.png|jpg|...\n"
-          f"(optionally inside {root}/{{train,val,test}}/)")
-    self.image_paths = [pairs[i][0] for i in keep]
-    self.mask_paths = [pairs[i][1] for i in keep]
-    self.labels = np.asarray(labels, np.int32)[keep] if names else None
-    self.channels = channels or imageio.probe_channels(self.image_paths)
-    self.mask_threshold = mask_threshold
-    self.mask_from_label = mask_from_label
-    self.labels_from_mask = labels_from_mask
-    self.resize_masks = resize_masks
-    self._lut = None
-    if mask_threshold is not None:
-      n_mask = len(names) if mask_from_label else 2
-    elif mask_values is not None:
-      values = np.asarray(mask_values, np.float64)
-      self._lut = np.abs(np.arange(256)[:, None] - values[None, :]).argmin(1).astype(np.uint8)
-      n_mask = len(values)
-    elif num_mask_classes is not None:
-      n_mask = num_mask_classes
-    else:
-      raise DataError("with mask_threshold=None pass mask_values or num_mask_classes")
-    self.num_mask_classes = n_mask
-    if labels_from_mask:
-      num_classes, class_names = 2, ("no_foreground", "foreground")
-    else:
-      num_classes, class_names = len(names), tuple(names)
-    self.info = SourceInfo(name=name or root.name, num_classes=num_classes,
-                           class_names=class_names, channels=self.channels, has_mask=True,
-                           num_mask_classes=n_mask)
-
-  def _pair(self, folder: pathlib.Path, image_dir: str, mask_dir: str,
-            suffix: str) -> list[tuple[pathlib.Path, pathlib.Path]]:
-    if imageio.list_images(folder / image_dir) and not (folder / mask_dir).is_dir():
-      present = sorted(p.name for p in folder.iterdir() if p.is_dir())
-      raise DataError(f"the mask folder {folder / mask_dir} does not exist (data.mask_dir="
-                      f"{mask_dir!r}); folders in {folder}: {present}. Set data.mask_dir to "
-                      f"the folder that holds the masks")
-    masks = {}
-    for p in imageio.list_images(folder / mask_dir):
-      if p.stem.endswith(suffix):
-        masks.setdefault(p.stem[:len(p.stem) - len(suffix)], p)
-    pairs = []
-    for img in imageio.list_images(folder / image_dir):
-      if img.stem in masks:
-        pairs.append((img, masks[img.stem]))
-        continue
-      msg = (f"image {img} has no mask: expected {folder / mask_dir}/{img.stem}{suffix}.<ext> "
-             f"(data.mask_dir={mask_dir!r}, data.mask_suffix={suffix!r}). Fix those fields, "
-             "add the mask, remove the image, or set data.skip_corrupt=True")
-      if not self.skip_corrupt:
-        raise DataError(msg)
-      logging.warning("skip_corrupt: %s", msg)
-      self.num_skipped_at_init += 1
-    return pairs
-
-  def _num_elements(self) -> int:
-    return len(self.image_paths)
-
-  def _load(self, index: int) -> Record:
-    img_path, mask_path = self.image_paths[index], self.mask_paths[index]
-    image = imageio.decode_image(img_path, self.channels)
-    raw = imageio.decode_mask(mask_path, grey=self._lut is not None or
-                              self.mask_threshold is not None)
-    if raw.shape != image.shape[:2] and self.resize_masks:
-      raw = imageio.resize_mask(raw, image.shape[:2])
-    if raw.shape != image.shape[:2]:
-      raise DataError(f"mask {mask_path} has shape {raw.shape} but image {img_path} has shape "
-                      f"{image.shape[:2]} (H, W); fix or remove the pair")
-    if self.mask_threshold is not None:
-      mask = (raw > self.mask_threshold).astype(np.uint8)
-    elif self._lut is not None:
-      mask = self._lut[raw]
-    else:
-      mask = raw
-      if mask.size and int(mask.max()) >= self.num_mask_classes:
-        raise DataError(f"mask {mask_path} has id {int(mask.max())}, outside "
-                        f"[0, num_mask_classes={self.num_mask_classes})")
-    record = {"image": image, "mask": mask}
-    if self.labels is not None:
-      record["label"] = np.int32(self.labels[index])
-      if self.mask_from_label:
-        record["mask"] = mask * np.uint8(self.labels[index])
-    elif self.labels_from_mask:
-      record["label"] = np.int32(mask.any())
-    return record
+    check_mask_dirs(root, image_dir, mask_dir)
+    cls = "{class}" if classes else ""
+    names = tuple(classes) if classes and classes is not True else ()
+    spec = catalog.Spec(
+        images=_join(cls, image_dir, "*"),
+        mask=pairing.MaskRule(pattern=_join(cls, mask_dir, "{stem}" + mask_suffix + ".*")),
+        class_names=names, group_by=group_by, unpaired="skip" if skip_corrupt else "error",
+        val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+        hint=(f"Expected layout:\n  {root}/{cls + '/' if cls else ''}{image_dir}/<stem>.jpg|png|...\n"
+              f"  {root}/{cls + '/' if cls else ''}{mask_dir}/<stem>{mask_suffix}.png|jpg|...\n"
+              f"(optionally inside {root}/{{train,val,test}}/)"))
+    values = masks.MaskValues(
+        threshold=mask_threshold, values=tuple(mask_values or ()),
+        num_classes=int(num_mask_classes or 0))
+    decode = folder.Decode(mask_values=values, mask_combine="first", resize_masks=resize_masks,
+                           mask_from_label=mask_from_label, labels_from_mask=labels_from_mask)
+    super().__init__(root, split, spec=spec, decode=decode, channels=channels,
+                     skip_corrupt=skip_corrupt, name=name)
+    self.image_paths = [self.root / it.path for it in self.catalog.items]
+    self.mask_paths = [self.root / it.masks[0] for it in self.catalog.items]
+    labelled = self.catalog.items and self.catalog.items[0].label is not None
+    self.labels = (np.asarray([it.label for it in self.catalog.items], np.int32)
+                   if labelled else None)
 
 
 def npz_array(npz, path: pathlib.Path, key: str) -> np.ndarray:

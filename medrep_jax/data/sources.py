@@ -4,6 +4,8 @@ A record is a dict of numpy values:
   "image": (H, W, C) uint8 (photographs, radiographs) or float32 (CT in HU).
   "label": np.int32 class id, or a float32 multi-hot vector for multi-label data.
   "mask":  optional (H, W) uint8 class ids (0 = background).
+  "masks": optional (K, H, W) uint8: every mask of the image (data.mask_combine="stack").
+  "roi":   optional (H, W) uint8 0/1 region (field-of-view) mask (data.roi_mask).
   "index": np.int64 index of the element within the source.
 
 Sources decode lazily in `__getitem__`, so grain workers parallelize decoding,
@@ -63,6 +65,8 @@ class Source(abc.ABC):
   info: SourceInfo
   skip_corrupt: bool = False
   num_skipped_at_init: int = 0  # bad elements dropped while listing files
+  skipped: Sequence[tuple[str, str]] = ()  # (path, reason) of files left out when listing
+  groups: Sequence[str] | None = None      # the group of each element, where known
 
   @abc.abstractmethod
   def _num_elements(self) -> int:
@@ -137,54 +141,3 @@ def check_fractions(val_fraction: float, test_fraction: float) -> None:
     raise DataError(
         f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in [0, 1) "
         "and sum to less than 1")
-
-
-def carve_split(groups: Sequence[Any], split: str, *, val_fraction: float,
-                test_fraction: float, seed: int) -> np.ndarray:
-  """Deterministically carves val/test out of one list of elements.
-
-  Elements sharing a group (a class id for stratification, or a patient id
-  with `by_group`) are permuted with a generator seeded by (seed, group
-  number); per group the first round(n * test_fraction) go to test, the next
-  round(n * val_fraction) to val, and the rest to train.
-
-  Args:
-    groups: one hashable stratum per element (e.g. its class id).
-    split: "train", "val", "test" or "all".
-    val_fraction: fraction of each stratum carved out for val.
-    test_fraction: fraction of each stratum carved out for test.
-    seed: permutation seed.
-
-  Returns:
-    Sorted element indices of `split`.
-  """
-  check_split(split)
-  check_fractions(val_fraction, test_fraction)
-  groups = list(groups)
-  if split == "all":
-    return np.arange(len(groups), dtype=np.int64)
-  keys = sorted(set(groups), key=str)
-  pos = {k: j for j, k in enumerate(keys)}
-  ids = np.array([pos[g] for g in groups], dtype=np.int64)
-  out = [np.zeros((0,), np.int64)]
-  for g_id in range(len(keys)):
-    members = np.flatnonzero(ids == g_id)
-    perm = members[np.random.default_rng((seed, g_id)).permutation(len(members))]
-    n_test = int(round(len(members) * test_fraction))
-    n_val = int(round(len(members) * val_fraction))
-    parts = {"test": perm[:n_test], "val": perm[n_test:n_test + n_val],
-             "train": perm[n_test + n_val:]}
-    out.append(parts[split])
-  return np.sort(np.concatenate(out))
-
-def carve_by_group(groups: Sequence[Any], split: str, *, val_fraction: float,
-                   test_fraction: float, seed: int) -> np.ndarray:
-  """Like `carve_split`, but whole groups (e.g. patients) go to one split."""
-  check_split(split)
-  groups = list(groups)
-  unique = sorted(set(groups), key=str)
-  # A single stratum: permute the groups themselves, then expand to elements.
-  chosen = carve_split([0] * len(unique), split, val_fraction=val_fraction,
-                       test_fraction=test_fraction, seed=seed)
-  keep = {unique[k] for k in chosen}
-  return np.array([i for i, g in enumerate(groups) if g in keep], dtype=np.int64)

@@ -1,22 +1,30 @@
 """Host-side (numpy) record transforms as grain transforms.
 
-Geometric transforms apply to "image" and, with nearest-neighbour, to "mask".
+Geometric transforms apply to "image" and, with nearest-neighbour, to the record's
+masks: "mask" (H, W), the region (field-of-view) mask "roi" (H, W) and the stacked
+masks "masks" (K, H, W) of `data.mask_combine="stack"`. Whole volumes
+(`data.volume="whole"`: "image" (D, H, W, C), "mask"/"roi" (D, H, W), "masks"
+(K, D, H, W)) are resized and cropped in-plane, slice by slice; the depth D is kept.
 Use them with `grain.MapDataset.source(src).map(t)`. `build_transforms(data_cfg)`
 gives the standard (deterministic) pipeline whose output batches: "image"
-float32 (S, S, C), "mask" uint8 (S, S), "label", "index". Random augmentation
-is not done here: it runs on device inside the compiled train step
-(`medrep_jax.data.augment`).
+float32 (S, S, C) (or (D, S, S, C)), "mask" uint8 (S, S), "roi" and "masks" when
+the source gives them, "label", "index". Random augmentation is not done here: it
+runs on device inside the compiled train step (`medrep_jax.data.augment`).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import grain
 import numpy as np
 
 from medrep_jax.data.imageio import convert_channels, resize_image, resize_mask
 from medrep_jax.data.sources import DataError, Record, window_of
+
+# Mask fields that follow the image's geometry: key -> number of axes before the
+# image's spatial shape ("masks" has one: K masks of the image).
+MASK_KEYS = {"mask": 0, "roi": 0, "masks": 1}
 
 
 def _hw(size: int | Sequence[int]) -> tuple[int, int]:
@@ -26,47 +34,81 @@ def _hw(size: int | Sequence[int]) -> tuple[int, int]:
   return int(h), int(w)
 
 
+def _spatial(record: Record, where: str) -> tuple[int, ...]:
+  """The image's spatial shape: (H, W), or (D, H, W) for a whole volume."""
+  shape = np.shape(record["image"])
+  if len(shape) not in (3, 4):
+    raise DataError(f"{where}: element {record.get('index', '?')} has image shape {shape}; "
+                    "expected (H, W, C), or (D, H, W, C) for a whole volume "
+                    "(data.volume='whole')")
+  return tuple(shape[:-1])
+
+
 def _check_mask(record: Record, where: str) -> None:
-  if "mask" in record and record["mask"].shape[:2] != record["image"].shape[:2]:
-    raise DataError(f"{where}: element {record.get('index', '?')} has image shape "
-                    f"{record['image'].shape} but mask shape {record['mask'].shape}")
+  """Every mask field has the image's spatial shape (after its leading axes)."""
+  spatial = _spatial(record, where)
+  for key, lead in MASK_KEYS.items():
+    if key not in record:
+      continue
+    shape = np.shape(record[key])
+    if len(shape) != lead + len(spatial) or shape[lead:] != spatial:
+      what = f"{key} shape {shape}" + (" (K masks first)" if lead else "")
+      raise DataError(f"{where}: element {record.get('index', '?')} has image shape "
+                      f"{np.shape(record['image'])} but {what}")
+
+
+def _per_plane(arr: np.ndarray, fn: Callable[[np.ndarray], np.ndarray],
+               plane_ndim: int) -> np.ndarray:
+  """`fn` on every trailing `plane_ndim`-D plane of `arr` (slices of a volume, K masks)."""
+  lead = arr.shape[:arr.ndim - plane_ndim]
+  if not lead:
+    return fn(arr)
+  flat = arr.reshape((-1,) + arr.shape[len(lead):])
+  out = np.stack([fn(p) for p in flat])
+  return out.reshape(lead + out.shape[1:])
 
 
 def _crop(record: Record, top: int, left: int, hw: tuple[int, int], name: str) -> Record:
   _check_mask(record, name)
-  h, w = record["image"].shape[:2]
+  h, w = record["image"].shape[-3:-1]
   if h < hw[0] or w < hw[1]:
     raise DataError(f"{name}: element {record.get('index', '?')} of shape {(h, w)} is smaller "
                     f"than the crop {hw}; add a Resize before the crop")
+  rows, cols = slice(top, top + hw[0]), slice(left, left + hw[1])
   out = dict(record)
-  out["image"] = record["image"][top:top + hw[0], left:left + hw[1]]
-  if "mask" in record:
-    out["mask"] = record["mask"][top:top + hw[0], left:left + hw[1]]
+  out["image"] = record["image"][..., rows, cols, :]
+  for key in MASK_KEYS:
+    if key in record:
+      out[key] = record[key][..., rows, cols]
   return out
 
 
 @dataclasses.dataclass(frozen=True)
 class Resize(grain.transforms.Map):
-  """Resizes image (bilinear, antialiased) and mask (nearest) to `size` (int or (h, w))."""
+  """Resizes image (bilinear, antialiased) and masks (nearest) to `size` (int or (h, w)).
+
+  Whole volumes are resized in-plane, slice by slice; their depth is kept.
+  """
   size: int | tuple[int, int]
 
   def map(self, element: Record) -> Record:
     _check_mask(element, "Resize")
     hw, out = _hw(self.size), dict(element)
-    out["image"] = resize_image(element["image"], hw)
-    if "mask" in element:
-      out["mask"] = resize_mask(element["mask"], hw)
+    out["image"] = _per_plane(element["image"], lambda x: resize_image(x, hw), 3)
+    for key in MASK_KEYS:
+      if key in element:
+        out[key] = _per_plane(np.asarray(element[key]), lambda m: resize_mask(m, hw), 2)
     return out
 
 
 @dataclasses.dataclass(frozen=True)
 class CenterCrop(grain.transforms.Map):
-  """Crops the centre `size` (int or (h, w)) of image and mask."""
+  """Crops the centre `size` (int or (h, w)) of image and masks (in-plane for volumes)."""
   size: int | tuple[int, int]
 
   def map(self, element: Record) -> Record:
     hw = _hw(self.size)
-    h, w = element["image"].shape[:2]
+    h, w = _spatial(element, "CenterCrop")[-2:]
     return _crop(element, max(h - hw[0], 0) // 2, max(w - hw[1], 0) // 2, hw, "CenterCrop")
 
 
@@ -132,14 +174,17 @@ class Cast(grain.transforms.Map):
 
 @dataclasses.dataclass(frozen=True)
 class CheckShapes(grain.transforms.Map):
-  """Defensive final check: fixed image shape and a mask matching the image."""
+  """Defensive final check: fixed image shape and masks matching the image.
+
+  The in-plane size and channels are fixed; a whole volume keeps its depth.
+  """
   size: int | tuple[int, int]
   channels: int | None = None
 
   def map(self, element: Record) -> Record:
     _check_mask(element, "CheckShapes")
     shape = element["image"].shape
-    want = _hw(self.size) + ((self.channels,) if self.channels else shape[2:])
+    want = shape[:-3] + _hw(self.size) + ((self.channels,) if self.channels else shape[-1:])
     if shape != want:
       raise DataError(f"element {element.get('index', '?')}: image shape {shape} after "
                       f"transforms, expected {want}")
@@ -150,7 +195,9 @@ def build_transforms(data_cfg: Any) -> list[Any]:
   """Standard host pipeline from a data ConfigDict: the same for train and eval.
 
   Resize(image_size), ToChannels(channels) when `channels` is set,
-  Normalize(`normalize`) and CheckShapes. The optional HU window
+  Normalize(`normalize`) and CheckShapes. Masks ("mask", "roi", "masks") follow the
+  image; whole volumes (`data.volume="whole"`) are resized in-plane and keep their depth
+  (volumes of different depths batch only with a batch size of 1). The optional HU window
   `window_level`/`window_width` is Normalize's value_range for float images.
   The pipeline is deterministic; augmentation runs on device
   (`medrep_jax.data.augment`).

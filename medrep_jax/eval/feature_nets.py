@@ -75,7 +75,7 @@ def vae_features(trained, batch_size: int = 64) -> ModelFeatures:
     grid = jax.image.resize(mean, (b, 4, 4, c), "linear").reshape(b, -1)
     return jnp.concatenate([grid, mean.mean((1, 2)), mean.std((1, 2))], -1)
 
-  return ModelFeatures(feats, channels=int(cfg.data.channels), size=int(cfg.data.image_size),
+  return ModelFeatures(feats, channels=trained.stage.channels, size=int(cfg.data.image_size),
                        label=f"LDM VAE encoder ({trained.run.path.name}, trained by "
                              f"medrep_jax)", batch_size=batch_size)
 
@@ -84,7 +84,7 @@ def encoder_features(trained, batch_size: int = 64) -> ModelFeatures:
   """Globally pooled features of the `encoder` submodule of any run, from `load_trained`."""
   encoder, variables, cfg = trained.model.encoder, trained.run.variables("encoder"), trained.config
   return ModelFeatures(lambda x: encoder.apply(variables, x, train=False)["pooled"],
-                       channels=int(cfg.data.channels), size=int(cfg.data.image_size),
+                       channels=trained.stage.channels, size=int(cfg.data.image_size),
                        label=f"{cfg.model.encoder} encoder of run {trained.run.path.name} "
                              f"(medrep_jax)", batch_size=batch_size)
 

@@ -6,7 +6,8 @@ be written straight to ``metrics.jsonl``.
 
 Classification: accuracy, macro precision/recall/F1, ROC AUC, ECE and the
 confusion matrix (DCL-CsTP reports ACC, PRE, REC, AUC; CAMContrast reports
-mean AUC of multi-label linear probes). Segmentation: Dice, IoU and HD95.
+mean AUC of multi-label linear probes). Segmentation: Dice, IoU, HD95 and pixel
+accuracy, optionally only inside a region of interest (``valid``, e.g. a field of view).
 """
 from __future__ import annotations
 
@@ -171,14 +172,50 @@ def hd95(a: np.ndarray, b: np.ndarray, spacing: Sequence[float] | None = None) -
   return float(max(np.percentile(d_to_b[ba], 95), np.percentile(d_to_a[bb], 95)))
 
 
+def pixel_accuracy(pred_mask: np.ndarray, true_mask: np.ndarray,
+                   valid: np.ndarray | None = None) -> float:
+  """Fraction of correctly classified pixels, (TP + TN) / (TP + TN + FP + FN).
+
+  The "Acc" of retinal-vessel papers (e.g. DRFL's eq. 18), for any number of classes:
+  per image, the fraction of pixels whose predicted class equals the true class
+  (background included), then averaged over images. With ``valid`` (N, H, W), only
+  pixels where it is nonzero count (a field-of-view mask); images with no valid
+  pixel are left out (NaN if none is left).
+  """
+  pred, true = np.asarray(pred_mask), np.asarray(true_mask)
+  if pred.shape != true.shape or pred.ndim != 3:
+    raise ValueError(f"masks must both be (N, H, W); got {pred.shape} and {true.shape}")
+  v = _valid_region(valid, pred.shape)
+  n = v.sum(axis=(1, 2))
+  right = ((pred == true) & v).sum(axis=(1, 2))
+  keep = n > 0
+  return float((right[keep] / n[keep]).mean()) if keep.any() else float("nan")
+
+
+def _valid_region(valid: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+  """``valid`` as a boolean (N, H, W) array (all True when None)."""
+  if valid is None:
+    return np.ones(shape, bool)
+  v = np.asarray(valid)
+  if v.shape != shape:
+    raise ValueError(f"the valid-region (ROI) mask has shape {v.shape}, but the masks are "
+                     f"{shape}; pass one (H, W) region per image")
+  return v != 0
+
+
 def segmentation_metrics(pred_mask: np.ndarray, true_mask: np.ndarray, num_classes: int,
-                         spacing: Sequence[float] | None = None) -> dict[str, float | int]:
-  """Mean Dice, mean IoU and mean HD95 over foreground classes.
+                         spacing: Sequence[float] | None = None,
+                         valid: np.ndarray | None = None) -> dict[str, float | int]:
+  """Mean Dice, mean IoU, mean HD95 over foreground classes, and pixel accuracy.
 
   Args:
     pred_mask, true_mask: (N, H, W) integer label maps; class 0 is background.
     num_classes: K including background (2 for binary segmentation).
     spacing: optional pixel spacing for HD95.
+    valid: optional (N, H, W) region mask (e.g. a field of view, the record's "roi"):
+      only pixels where it is nonzero are scored. Outside it, prediction and truth
+      both count as background, so Dice, IoU and HD95 see only the inside, and
+      ``pixel_accuracy`` counts only inside pixels. None scores every pixel.
 
   Returns:
     ``dice`` and ``iou``: per image and foreground class Dice = 2|A∩B| /
@@ -186,7 +223,8 @@ def segmentation_metrics(pred_mask: np.ndarray, true_mask: np.ndarray, num_class
     averaged over images, then over classes 1..K-1. ``hd95``: see ``hd95``;
     (image, class) pairs where either mask is empty are excluded, averaged
     like Dice over the remaining pairs (NaN if none remain), and
-    ``hd95_excluded`` counts the excluded pairs.
+    ``hd95_excluded`` counts the excluded pairs. ``pixel_accuracy``: see
+    ``pixel_accuracy``.
   """
   if num_classes < 2:
     raise ValueError(f"num_classes counts background and must be >= 2, got {num_classes}")
@@ -194,6 +232,10 @@ def segmentation_metrics(pred_mask: np.ndarray, true_mask: np.ndarray, num_class
   true = np.asarray(true_mask)
   if pred.shape != true.shape or pred.ndim != 3:
     raise ValueError(f"masks must both be (N, H, W); got {pred.shape} and {true.shape}")
+  acc = pixel_accuracy(pred, true, valid)
+  if valid is not None:
+    v = _valid_region(valid, pred.shape)
+    pred, true = np.where(v, pred, 0), np.where(v, true, 0)
   dices, ious, hds, excluded = [], [], [], 0
   for c in range(1, num_classes):
     a, b = pred == c, true == c
@@ -212,4 +254,5 @@ def segmentation_metrics(pred_mask: np.ndarray, true_mask: np.ndarray, num_class
       "iou": float(np.mean(ious)),
       "hd95": float(np.nanmean(hds)) if (~np.isnan(hds)).any() else float("nan"),
       "hd95_excluded": excluded,
+      "pixel_accuracy": acc,
   }

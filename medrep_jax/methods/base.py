@@ -97,6 +97,12 @@ class Stage(abc.ABC):
     return registry.get_source(self.config.data, "train").info
 
 
+  @property
+  def channels(self) -> int:
+    """Image channels: `data.channels`, or what the data stores when that is 0."""
+    return int(self.config.data.get("channels", 0) or 0) or int(self.info.channels)
+
+
 class Task(Stage):
   """A stage with no train loop (sampling, heatmap extraction, filtering, probes)."""
 

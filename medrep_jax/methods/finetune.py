@@ -161,6 +161,8 @@ class Finetune(base.Method):
       if pred["probs"].ndim == 3:  # one output channel: keep the foreground probability
         out["prob"] = pred["probs"].astype(jnp.float16)
       out["mask"] = batch["mask"].astype(jnp.uint8)
+      if "roi" in batch:  # a field-of-view mask (data.roi_mask): score only inside it
+        out["roi"] = batch["roi"].astype(jnp.uint8)
     return out
 
   # ---- host side
@@ -181,10 +183,13 @@ class Finetune(base.Method):
         figs["confusion matrix"] = os.path.relpath(path, ctx.workdir)
       return base.Result(_scalars(metrics), figs)
     num_classes = max(2, info.num_mask_classes)
-    metrics = metrics_lib.segmentation_metrics(outputs["pred"], outputs["mask"], num_classes)
+    roi = outputs.get("roi")  # present when the data has region masks (data.roi_mask)
+    metrics = metrics_lib.segmentation_metrics(outputs["pred"], outputs["mask"], num_classes,
+                                               valid=roi)
     if "prob" in outputs:
-      metrics["ece_pixel"] = metrics_lib.ece(outputs["prob"].astype(np.float32),
-                                             (outputs["mask"] > 0).astype(np.int64))
+      inside = np.ones(outputs["mask"].shape, bool) if roi is None else roi > 0
+      metrics["ece_pixel"] = metrics_lib.ece(outputs["prob"][inside].astype(np.float32),
+                                             (outputs["mask"][inside] > 0).astype(np.int64))
     figs = {}
     if ctx.final:
       figs["segmentation overlays"] = self._overlay(outputs, ctx)

@@ -52,7 +52,7 @@ class PretrainMethod(base.Method):
         raise ValueError("synthetic_ratio > 0 needs synthetic_dir: the images/ folder of an "
                          "`ldm` sample or filter run")
       synth = readers.ImageFolder(self.config.synthetic_dir, "all",
-                                  channels=int(self.config.data.channels))
+                                  channels=self.channels)
       n = min(len(synth), int(round(ratio * len(source))))
       if n < int(round(ratio * len(source))):
         print(f"synthetic_ratio={ratio}: only {len(synth)} synthetic images in "

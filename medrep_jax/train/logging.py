@@ -1,10 +1,12 @@
-"""Metric sinks: WORKDIR/metrics.jsonl (the contract) and TensorBoard events in WORKDIR/tb."""
+"""Metric sinks: WORKDIR/metrics.jsonl (the contract) and TensorBoard events in WORKDIR/tb
+(scalars, the learning rate among them, and the report's figures as images)."""
 from __future__ import annotations
 
 import json
 import math
 import os
 import pathlib
+import re
 from typing import Any, Mapping
 
 import jax
@@ -23,6 +25,16 @@ def _parse(line: str) -> dict | None:
 def _scalar(v: Any) -> float | int:
   v = np.asarray(v)
   return v.item() if v.size == 1 else float(np.mean(v))
+
+
+def _read_png(path: pathlib.Path) -> np.ndarray | None:
+  """An image file as (H, W, 3) uint8, or None when it cannot be read."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    with Image.open(path) as image:
+      return np.asarray(image.convert("RGB"))
+  except (OSError, ValueError):  # missing, half-written or not an image
+    return None
 
 
 class MetricWriter:
@@ -60,6 +72,25 @@ class MetricWriter:
         if k not in ("step", "split") and isinstance(v, (int, float)) and math.isfinite(v):
           tb.add_scalar(k if "/" in k or split == "train" else f"{split}/{k}", v, step)
     return record
+
+  def write_figures(self, step: int, figures: Mapping[str, str | os.PathLike]) -> list[str]:
+    """Adds each figure (a PNG; a path relative to the workdir, as in `Result.figures`)
+    to TensorBoard's Images tab as `figures/<title>` (spaces become `_`) at `step`.
+
+    A figure whose file is missing or unreadable is skipped: figures are for people, and
+    the run goes on. Returns the tags written.
+    """
+    tb = self._tb_writer() if figures else None
+    if tb is None:
+      return []
+    written = []
+    for title, path in figures.items():
+      image = _read_png(self.workdir / path)
+      if image is not None:
+        tag = "figures/" + re.sub(r"[^A-Za-z0-9_.-]+", "_", title)  # TensorBoard's tag charset
+        tb.add_image(tag, image, int(step), dataformats="HWC")
+        written.append(tag)
+    return written
 
   def truncate_after(self, step: int) -> None:
     """Keeps the records up to `step`; drops later ones and any half-written line (a run

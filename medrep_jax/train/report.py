@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import datetime
+import os
 import pathlib
+import re
 from typing import Any, Mapping, Sequence
 
 from medrep_jax.train.logging import read_metrics
@@ -54,3 +56,31 @@ def write_report(workdir: pathlib.Path, config, final: Mapping[str, Any],
   path = workdir / "report.md"
   path.write_text("\n".join(lines) + "\n")
   return path
+
+
+_IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
+
+
+def report_parts(path: str | os.PathLike) -> list[str | pathlib.Path]:
+  """A report.md cut into markdown text and the absolute paths of its images, in order.
+
+  The report links its figures relative to its folder (`figures/loss.png`), which a
+  notebook cell cannot follow. Show the parts one after the other instead:
+
+      for part in report_parts(f"{workdir}/report.md"):
+        display(Image(filename=str(part)) if isinstance(part, pathlib.Path) else Markdown(part))
+
+  A link to a file that does not exist (or to a URL) stays in the text.
+  """
+  path = pathlib.Path(path)
+  text, base = path.read_text(), path.parent
+  parts: list[str | pathlib.Path] = []
+  start = 0
+  for link in _IMAGE_LINK.finditer(text):
+    target = base / link.group(2)
+    if "://" in link.group(2) or not target.is_file():
+      continue
+    parts += [text[start:link.start()], target.resolve()]
+    start = link.end()
+  parts.append(text[start:])
+  return [p for p in parts if not isinstance(p, str) or p.strip()]

@@ -249,6 +249,7 @@ class Trainer:
     _say(f"eval at step {step}: " + ", ".join(
         f"{k}={report_lib.fmt(float(v))}" for k, v in list(scalars.items())[:10]))
     self.figures.update(result.figures)
+    self.writer.write_figures(step, result.figures)
     self.report_lines = list(result.lines)
     return result.metrics
 
@@ -439,6 +440,7 @@ def run_task(task: base.Task, config, workdir: pathlib.Path,
   writer.truncate_after(-1)  # a task is redone whole: drop an earlier attempt's record
   writer.write(0, "eval", {f"eval/{k}": v for k, v in result.metrics.items()
                            if isinstance(v, (int, float))})
+  writer.write_figures(0, result.figures)
   writer.close()
   finish(workdir, config, result.metrics, result)
   return result.metrics

@@ -90,9 +90,10 @@ class PretrainStage(ssl_base.PretrainMethod):
     if split != "train" or not self.uses_crops:
       return super().make_source(split)
     source, self.manifest = heatmap_stage.load_crops(self.config.crops_from, "train")
-    if self.manifest["channels"] != int(self.config.data.channels):
+    if self.manifest["channels"] != self.channels:
       raise ValueError(f"crops in {self.config.crops_from} have {self.manifest['channels']} "
-                       f"channels but data.channels={self.config.data.channels}")
+                       f"channels but the data gives {self.channels} (data.channels="
+                       f"{self.config.data.channels})")
     self.check_data(len(source))
     return source
 

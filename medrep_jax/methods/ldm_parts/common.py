@@ -41,7 +41,7 @@ class LoadedVAE:
     trained = methods.load_trained(run_dir, method="ldm", stage="vae")
     cfg = trained.config
     self.run_dir = trained.run.path
-    self.channels = int(cfg.data.channels)
+    self.channels = trained.stage.channels
     self.image_size = int(cfg.data.image_size)
     self.model = trained.model
     self.params = trained.run.params

@@ -63,7 +63,7 @@ class FilterStage(base.Task):
   def run(self) -> base.Result:
     c, f, workdir = self.config, self.config.filter, self.workdir
     tfs = self.transforms("train")
-    synth_src = readers.ImageFolder(c.synthetic_dir, "all", channels=int(c.data.channels))
+    synth_src = readers.ImageFolder(c.synthetic_dir, "all", channels=self.channels)
     fake = loader.collect(synth_src, tfs)["image"]
     real = loader.collect(self.make_source("train"), tfs, limit=int(f.max_real))["image"]
     net = methods.feature_net(c.eval.feature_net, c.eval.feature_net_path or c.vae_from)

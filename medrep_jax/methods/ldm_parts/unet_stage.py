@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 from medrep_jax import diffusion
-from medrep_jax.data import arrays
+from medrep_jax.data import arrays, subsets
 from medrep_jax.data import loader
 from medrep_jax.data.sources import SourceInfo
 from medrep_jax.eval import figures as fig_lib
@@ -57,6 +57,9 @@ class UNetStage(base.Method):
     if cache.exists():
       return arrays.ArraySource.load(cache, info)
     images = super().make_source("train")
+    limit = int(self.config.train.get("max_train_examples", 0) or 0)
+    if 0 < limit < len(images):
+      images = subsets.spread_subset(images, limit)
     mean, logvar = self.vae.encode_source(images, super().transforms("train"),
                                           batch_size=int(self.config.train.eval_batch_size))
     src = arrays.ArraySource({"mean": mean, "logvar": logvar}, info)

@@ -40,7 +40,7 @@ class VAEStage(base.Method):
 
   @functools.cached_property
   def model(self) -> vae.AutoencoderKL:
-    return common.build_vae(self.config.model, int(self.config.data.channels),
+    return common.build_vae(self.config.model, self.channels,
                             jnp.dtype(self.config.dtype))
 
   @functools.cached_property
