@@ -238,21 +238,32 @@ class CrossScaleAttention(nn.Module):
 
 
 class TokenMLP(nn.Module):
-  """Transformer MLP: Dense(ratio * d)-GELU-Dense(d)."""
+  """Transformer MLP: Dense(hidden)-GELU-Dense(d), hidden = ``hidden_dim`` or ratio * d.
+
+  ``dropout`` (ViT: after the GELU and after fc2) is active when
+  ``deterministic=False`` and needs a ``"dropout"`` rng.
+  """
   ratio: int = 4
   dtype: Dtype = jnp.float32
+  hidden_dim: int = 0
+  dropout: float = 0.0
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, deterministic: bool = True) -> jnp.ndarray:
     dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32)
     d = x.shape[-1]
-    x = nn.gelu(dense(self.ratio * d, name="fc1")(x), approximate=False)
-    return dense(d, name="fc2")(x)
+    drop = nn.Dropout(self.dropout, deterministic=deterministic or self.dropout == 0)
+    x = nn.gelu(dense(self.hidden_dim or self.ratio * d, name="fc1")(x), approximate=False)
+    return drop(dense(d, name="fc2")(drop(x)))
 
 
-def _layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
+def layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
+  """LayerNorm (eps 1e-6) named ``name``: statistics, scale and bias float32."""
   # Statistics in float32 (force_float32_reductions), scale/bias float32.
   return nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+_layer_norm = layer_norm
 
 
 class CrossScaleBlock(nn.Module):
