@@ -391,3 +391,18 @@ def test_cli_sigterm_during_start_up_exits_with_a_message(tmp_path):
   assert proc.returncode == 143, err[-3000:]
   assert "SIGTERM" in out + err and "Traceback" not in err
   assert not (workdir / ".lock").exists()
+
+
+def test_fields_added_by_a_newer_release_at_their_default_are_no_change(tmp_path):
+  """A run made before a field existed re-runs as "finished" while the new field holds its
+  default; a non-default value of the new field is still a change."""
+  config = load_config("finetune", "size=tiny,data=phantoms")
+  old = config.to_dict()
+  del old["optim"]["nesterov"], old["data"]["mask_combine"]  # "added" since the old run
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  assert workdir_lib.check_config(tmp_path, config, finished=True, resume_step=None,
+                                  allow=False) == {}
+  changed = config.copy_and_resolve_references()
+  changed.optim.nesterov = True
+  with pytest.raises(errors.ConfigChanged, match="optim.nesterov"):
+    workdir_lib.check_config(tmp_path, changed, finished=True, resume_step=None, allow=False)

@@ -130,6 +130,36 @@ def format_changes(changes: Mapping[str, tuple[Any, Any]]) -> str:
   return "\n".join(f"  {k}: {_short(o)} -> {_short(n)}" for k, (o, n) in changes.items())
 
 
+def field_defaults(method: str) -> dict[str, Any]:
+  """Every field's default (dotted key -> JSON value) of a fresh `method` config: the base
+  fields and the data fields. A field a newer release added is missing from an older run's
+  config.json; at its default it describes what that run did, so it is no change."""
+  from medrep_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from medrep_jax.data import registry  # pylint: disable=g-import-not-at-top
+  base = _flatten(as_json(config_lib.base_config(method)))
+  base.update({f"data.{k}": v for k, v in _flatten(as_json(registry.DEFAULTS)).items()})
+  return base
+
+
+def added_at_default(changes: dict[str, tuple[Any, Any]], method: str,
+                      prefixes: tuple[str, ...] = ("",)) -> dict[str, tuple[Any, Any]]:
+  """`changes` without fields missing from the old config whose new value is the default
+  (`prefixes`: the stage names of a pipeline config, whose keys start with them)."""
+  defaults = field_defaults(method) if method else {}
+
+  def at_default(key: str, value: Any) -> bool:
+    for prefix in prefixes:
+      if prefix and not key.startswith(prefix + "."):
+        continue
+      rest = key[len(prefix) + 1:] if prefix else key
+      if rest in defaults and defaults[rest] == value:
+        return True
+    return False
+
+  return {k: (o, n) for k, (o, n) in changes.items()
+          if not (o is errors.MISSING and at_default(k, n))}
+
+
 def check_config(workdir: pathlib.Path, config, *, finished: bool, resume_step: int | None,
                  allow: bool, ignore: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
   """Compares `config` with the workdir's config.json; returns the changes to record.
@@ -151,6 +181,7 @@ def check_config(workdir: pathlib.Path, config, *, finished: bool, resume_step: 
   if old is None:
     return {}
   changes = config_diff(old, config, IGNORED_KEYS + tuple(ignore))
+  changes = added_at_default(changes, str(as_json(config).get("method", "")))
   if not changes:
     return {}
   listing = format_changes(changes)

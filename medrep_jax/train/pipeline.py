@@ -82,6 +82,9 @@ def check_pipeline_config(config, workdir: pathlib.Path, *,
   if old is None:
     return {}
   changes = workdir_lib.config_diff(old, config)
+  for stage in config.stages:  # fields a newer release added, at their defaults
+    changes = workdir_lib.added_at_default(changes, str(config[stage].get("method", "")),
+                                           (stage,))
   if not changes:
     return {}
   names = set(config.stages) | set(old.get("stages", ()))
