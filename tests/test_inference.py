@@ -337,6 +337,8 @@ def test_config_records_what_the_data_gave_and_load_needs_no_data(tmp_path):
   assert saved["data"]["num_classes"] == 2 and saved["data"]["channels"] == 3
   assert saved["data"]["class_names"] == ["lesion", "normal"]
   assert saved["data_info"]["num_classes"] == 2 and saved["data_info"]["channels"] == 3
+  assert saved["data_info"]["image_shape"] == [32, 32, 3]
+  assert saved["data_info"]["train_examples"] == 9  # 12 less the 25% val split
   again = load_config("finetune", "size=tiny")
   with again.unlocked():
     again.data = config.data.copy_and_resolve_references()

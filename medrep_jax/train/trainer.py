@@ -91,16 +91,23 @@ def write_config(config, workdir: pathlib.Path, changes: dict | None = None,
   workdir_lib.write_json(workdir / "config.json", config_lib.to_dict(config))
 
 
-def record_data_info(config, info) -> None:
+def record_data_info(config, info, train_source=None) -> None:
   """Records what the data gave in the config, so config.json holds the values the run
   really used and the model can be rebuilt without the data (`Stage.info`).
 
-  `config.data_info` gets the whole `SourceInfo`; data fields left to the data (0 or ())
-  get its values. Keys filled this way are ignored by the finished-run check
+  `config.data_info` gets the whole `SourceInfo`, the number of training examples and the
+  stored shape of the first training image; data fields left to the data (0 or ()) get
+  its values. Keys filled this way are ignored by the finished-run check
   (`workdir.derived_keys`), since a new config still holds the "infer" value.
   """
+  recorded = dataclasses.asdict(info)
+  if train_source is not None:
+    recorded["train_examples"] = len(train_source)
+    first = train_source[0] if len(train_source) else {}
+    if "image" in first:
+      recorded["image_shape"] = list(np.shape(first["image"]))
   with config.unlocked():
-    config.data_info = dataclasses.asdict(info)
+    config.data_info = recorded
   for key in workdir_lib.DATA_DERIVED:
     if key in config.data and not config.data[key]:
       config.data[key] = getattr(info, key)
@@ -293,7 +300,7 @@ class Trainer:
       print(f"Run in {self.workdir} already finished at step {latest}; nothing to do.")
       return json.loads(done.read_text())
     train_source = self.method.make_source("train")
-    record_data_info(config, self.method.info)
+    record_data_info(config, self.method.info, train_source)
     if float(tc.get("num_epochs", 0.0)) > 0:
       tc.num_steps = math.ceil(float(tc.num_epochs) * len(train_source) / int(tc.batch_size))
     num_steps = int(tc.num_steps)
