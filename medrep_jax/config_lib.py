@@ -155,11 +155,13 @@ def base_config(method: str) -> mlc.ConfigDict:
   c.optim.lr = 1e-3
   c.optim.weight_decay = 1e-4
   c.optim.momentum = 0.9  # sgd only
+  c.optim.b1 = 0.9  # adam/adamw first-moment decay (DRFL's code: 0.5)
   c.optim.nesterov = False
-  c.optim.schedule = "cosine"  # constant | cosine | step
+  c.optim.schedule = "cosine"  # constant | cosine | step | constant_linear
   c.optim.warmup_fraction = 0.0
   c.optim.step_boundaries = (0.6, 0.8)  # fractions of num_steps, for schedule="step"
   c.optim.step_factor = 0.1
+  c.optim.constant_fraction = 0.5  # constant_linear: full rate for this fraction, then to 0
   c.optim.grad_clip = 0.0  # global-norm clip; 0 disables
   # Gradient accumulation: average k micro-steps of train.batch_size per update (effective
   # batch k * batch_size); see medrep_jax/core/optim.py for what else runs per micro-step.

@@ -76,3 +76,19 @@ def tiny_run(tmp_path_factory):
     return done[name]
 
   return run
+
+
+def one_step(config, devices, tmp_path):
+  """Builds the state and runs one train step on a mesh over `devices`."""
+  import jax
+  from medrep_jax.core import mesh as mesh_lib
+  from medrep_jax.data import loader
+  from medrep_jax.train import trainer
+  t = trainer.Trainer(config, tmp_path, devices=devices)
+  ds = loader.train_dataset(t.method.make_source("train"), t.method.transforms("train"),
+                            global_batch=config.train.batch_size, seed=0)
+  with jax.set_mesh(t.mesh):
+    batch = mesh_lib.to_global(ds[0], t.mesh)
+    state = t.build_state(batch)
+    state, metrics = t._compile_step()(state, batch)  # pylint: disable=protected-access
+    return jax.device_get((state.params, state.model_state, metrics))

@@ -272,3 +272,16 @@ def test_sr_teacher_is_bicubic_at_init_and_doubles():
   shuffled = drfl.pixel_shuffle(x1, 2)
   assert shuffled.shape == (1, 4, 4, 2)
   np.testing.assert_array_equal(shuffled[0, :2, :2].reshape(-1), x1[0, 0, 0])
+
+
+def test_max_gather_is_the_max_with_a_one_hot_gradient():
+  """The attention pools' max: equal to jnp.max, and its gradient goes to the arg-max
+  element only (no division by a tie count, which gave NaN under jit)."""
+  from medrep_jax.models.attention_blocks import max_gather
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 3)), jnp.float32)
+  np.testing.assert_array_equal(max_gather(x, 1), jnp.max(x, 1, keepdims=True))
+  grad = jax.jit(jax.grad(lambda v: max_gather(v, 1).sum()))(x)
+  want = (x == jnp.max(x, 1, keepdims=True)).astype(jnp.float32)
+  np.testing.assert_array_equal(grad, want)
+  ties = jnp.zeros((1, 4, 2))
+  assert float(jax.grad(lambda v: max_gather(v, 1).sum())(ties).sum()) == 2.0

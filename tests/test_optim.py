@@ -84,3 +84,47 @@ def test_schedule_counts_optimizer_updates():
 def test_accumulate_steps_must_be_positive():
   with pytest.raises(ValueError, match="accumulate_steps=0"):
     optim.make_optimizer(_optim_cfg("sgd", 0), 10)
+
+
+def test_constant_then_linear_to_zero_schedule():
+  """DRFL Sec. 4: the rate is constant for 30 of 60 epochs, then linear to zero."""
+  c = config_lib.base_config("test").optim
+  c.update(dict(lr=2e-4, schedule="constant_linear", constant_fraction=0.5))
+  schedule = optim.make_schedule(c, 60)
+  got = np.array([float(schedule(s)) for s in range(61)])
+  ref = np.where(np.arange(61) < 30, 2e-4, 2e-4 * (1 - (np.arange(61) - 30) / 30))
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-12)
+  assert got[-1] == 0.0 and got[29] == pytest.approx(2e-4)
+  c.constant_fraction = 0.25  # the held part follows the field
+  assert float(optim.make_schedule(c, 60)(20)) < 2e-4
+  c.constant_fraction = 1.5
+  with pytest.raises(ValueError, match="constant_fraction"):
+    optim.make_schedule(c, 60)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_adam_b1_is_a_config_field(name):
+  """optim.b1 reaches Adam: the second update differs between b1 = 0.9 and 0.5 (the
+  first is sign(g)·lr for any b1), and matches a NumPy Adam with that b1."""
+  params, x, y = _problem(8)
+  outs = {}
+  for b1 in (0.9, 0.5):
+    c = _optim_cfg(name, 1)
+    c.update(dict(b1=b1, schedule="constant", warmup_fraction=0.0, grad_clip=0.0,
+                  weight_decay=0.0))
+    tx, _ = optim.make_optimizer(c, 10)
+    state = TrainState.create(params=params, tx=tx)
+    grads = []
+    for _ in range(2):
+      g = jax.grad(_loss)(state.params, x, y)
+      grads.append(np.asarray(g["w2"], np.float64))
+      state = state.apply_gradients(g)
+    outs[b1] = np.asarray(state.params["w2"])
+    # NumPy Adam (eps 1e-8, b2 0.999) on the recorded gradients of w2.
+    w, m, v = np.asarray(params["w2"], np.float64), 0.0, 0.0
+    for t, g in enumerate(grads, 1):
+      m = b1 * m + (1 - b1) * g
+      v = 0.999 * v + 0.001 * g * g
+      w = w - 0.05 * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+    np.testing.assert_allclose(outs[b1], w, rtol=1e-4, atol=1e-6)
+  assert not np.allclose(outs[0.9], outs[0.5], atol=1e-6)

@@ -10,7 +10,7 @@ from medrep_jax.core import checkpoint as ckpt_lib
 from medrep_jax.core import mesh as mesh_lib
 from medrep_jax.train import pipeline, trainer
 
-from conftest import config_module, load_config
+from conftest import config_module, load_config, one_step
 
 finetune_config = config_module("finetune").finetune_config
 
@@ -21,18 +21,6 @@ def tiny(task="classification", **train):
   for k, v in train.items():
     c.train[k] = v
   return c
-
-
-def one_step(config, devices, tmp_path):
-  """Builds the state and runs one train step on a mesh over `devices`."""
-  t = trainer.Trainer(config, tmp_path, devices=devices)
-  ds = loader.train_dataset(t.method.make_source("train"), t.method.transforms("train"),
-                            global_batch=config.train.batch_size, seed=0)
-  with jax.set_mesh(t.mesh):
-    batch = mesh_lib.to_global(ds[0], t.mesh)
-    state = t.build_state(batch)
-    state, metrics = t._compile_step()(state, batch)
-    return jax.device_get((state.params, state.model_state, metrics))
 
 
 @pytest.mark.parametrize("task", ["classification", "segmentation"])

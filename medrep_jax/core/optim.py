@@ -24,8 +24,25 @@ import optax
 log = logging.getLogger(__name__)
 
 
+def constant_linear_schedule(lr: float, num_steps: int,
+                             constant_fraction: float) -> optax.Schedule:
+  """`lr` for the first `constant_fraction` of `num_steps`, then linear to 0 at the end.
+
+  DRFL (Sec. 4, "Experiment settings"): 60 epochs, the rate constant for 30, then decayed
+  linearly to zero (pix2pix-style `maintain`/`decay` epochs), i.e. `constant_fraction=0.5`.
+  """
+  if not 0.0 <= constant_fraction <= 1.0:
+    raise ValueError(f"optim.constant_fraction={constant_fraction}; expected a value in "
+                     f"[0, 1] (the fraction of the steps at the full rate)")
+  hold = int(round(constant_fraction * num_steps))
+  decay = max(1, num_steps - hold)
+  return optax.join_schedules([optax.constant_schedule(lr),
+                               optax.linear_schedule(lr, 0.0, decay)], boundaries=[hold])
+
+
 def make_schedule(optim_cfg, num_steps: int) -> optax.Schedule:
-  """constant | cosine (with linear warmup) | step (piecewise-constant decay)."""
+  """constant | cosine (with linear warmup) | step (piecewise-constant decay) |
+  constant_linear (constant for `constant_fraction`, then linear to zero)."""
   lr = float(optim_cfg.lr)
   warmup = int(round(float(optim_cfg.get("warmup_fraction", 0.0)) * num_steps))
   name = optim_cfg.schedule
@@ -38,8 +55,12 @@ def make_schedule(optim_cfg, num_steps: int) -> optax.Schedule:
     bounds = {int(f * num_steps) - warmup: float(optim_cfg.step_factor)
               for f in optim_cfg.step_boundaries}
     main = optax.piecewise_constant_schedule(lr, bounds)
+  elif name == "constant_linear":
+    main = constant_linear_schedule(lr, max(1, num_steps - warmup),
+                                    float(optim_cfg.get("constant_fraction", 0.5)))
   else:
-    raise ValueError(f"optim.schedule={name!r}; expected constant, cosine or step")
+    raise ValueError(f"optim.schedule={name!r}; expected constant, cosine, step or "
+                     f"constant_linear")
   if warmup <= 0:
     return main
   return optax.join_schedules(
@@ -74,6 +95,7 @@ def make_optimizer(optim_cfg, num_steps: int):
   schedule = make_schedule(optim_cfg, math.ceil(num_steps / k))
   name = optim_cfg.name
   wd = float(optim_cfg.weight_decay)
+  b1 = float(optim_cfg.get("b1", 0.9))  # Adam/AdamW first-moment decay
   if name == "sgd":
     tx = optax.chain(
         optax.add_decayed_weights(wd) if wd else optax.identity(),
@@ -81,9 +103,9 @@ def make_optimizer(optim_cfg, num_steps: int):
                   nesterov=bool(optim_cfg.get("nesterov", False))))
   elif name == "adam":
     tx = optax.chain(optax.add_decayed_weights(wd) if wd else optax.identity(),
-                     optax.adam(schedule))
+                     optax.adam(schedule, b1=b1))
   elif name == "adamw":
-    tx = optax.adamw(schedule, weight_decay=wd)
+    tx = optax.adamw(schedule, b1=b1, weight_decay=wd)
   else:
     raise ValueError(f"optim.name={name!r}; expected sgd, adam or adamw")
   clip = float(optim_cfg.get("grad_clip", 0.0))

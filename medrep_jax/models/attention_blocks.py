@@ -44,6 +44,18 @@ def conv(features: int, kernel: int, dtype: Dtype, name: str, *, stride: int = 1
                  conv_general_dilated=conv_grad.conv_general_dilated)
 
 
+def max_gather(x: jnp.ndarray, axis: int) -> jnp.ndarray:
+  """The max over `axis` (kept, size 1) as a gather at the argmax.
+
+  Its gradient goes to one arg-max element through the gather. `jnp.max`'s gradient
+  instead divides by the count of elements equal to the max; under jit, XLA:CPU may
+  recompute the input in two fusions that differ in the last bit, the count becomes 0 and
+  the gradient NaN (seen in DRFL training from the second step on).
+  """
+  idx = jnp.argmax(x, axis=axis, keepdims=True)
+  return jnp.take_along_axis(x, idx, axis=axis)
+
+
 class ChannelAttention(nn.Module):
   """CBAM channel attention (Woo et al., 2018, eq. 2), used by PFAM (DRFL Fig. 4a).
 
@@ -68,7 +80,8 @@ class ChannelAttention(nn.Module):
     fc1, fc2 = dense(max(c // self.ratio, 1), "fc1"), dense(c, "fc2")
     mlp = lambda v: fc2(nn.relu(fc1(v.astype(self.dtype))))
     avg = jnp.mean(x, axis=(1, 2), dtype=jnp.float32)
-    mx = jnp.max(x, axis=(1, 2)).astype(jnp.float32)
+    b, h, w, _ = x.shape
+    mx = max_gather(x.reshape(b, h * w, c), 1)[:, 0].astype(jnp.float32)
     m = nn.sigmoid(mlp(avg).astype(jnp.float32) + mlp(mx).astype(jnp.float32))
     m = m[:, None, None, :]
     out = (x * m.astype(x.dtype)).astype(self.dtype)
@@ -94,7 +107,7 @@ class SpatialAttention(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray, return_map: bool = False):
     pooled = jnp.concatenate([jnp.mean(x, -1, keepdims=True, dtype=jnp.float32),
-                              jnp.max(x, -1, keepdims=True).astype(jnp.float32)], -1)
+                              max_gather(x, -1).astype(jnp.float32)], -1)
     logit = conv(1, self.kernel, self.dtype, "conv", use_bias=False)(
         pooled.astype(self.dtype))
     m = nn.sigmoid(logit.astype(jnp.float32))
