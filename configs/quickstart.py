@@ -18,7 +18,7 @@ report, metrics.jsonl, TensorBoard events and checkpoints are under WORKDIR/<sta
 Re-running skips finished stages. `colabs/quickstart.ipynb` builds the same config with
 `pipeline_config`.
 
-Variant args: size=small|tiny (small: about 5 minutes on a 2-core CPU; tiny: a few-step
+Variant args: size=small|tiny (small: about 3.5 minutes on a 2-core CPU; tiny: a few-step
 smoke test, with at least 25% labels), data=<dataset with labels and masks> (default phantoms), label_fraction=<0..1>
 (labelled share of the training split for the downstream stages, default 0.05: 102 of the
 2,048 phantoms), seed=<int>. Measured numbers: docs/results/quickstart.md.
