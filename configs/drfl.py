@@ -17,7 +17,8 @@ the ladder of Tables 5-7: segmentation stream only, + SR stream, + Fusion Module
 + CBAM attention, everything with PFAM), stage=train|teacher, size=paper|small|tiny
 (small: 64 px, encoder down to 4x4, 64 RFTM tokens of width 128; tiny: CPU tests),
 data=<dataset with masks> (default kaggle_lungs_ct_64, the paper's LUNG set at 64 px),
-sr_target=teacher|bicubic, teacher_from=<a finished teacher run>, recipe=paper|code,
+sr_target=auto|teacher|bicubic (auto: the teacher's targets when teacher_from is given,
+else bicubic), teacher_from=<a finished teacher run>, recipe=paper|code,
 fold=<k of 4-fold cross-validation, -1: the dataset's own val split>, seed=<int>.
 """
 import ml_collections as mlc
@@ -38,9 +39,9 @@ VARIANT_SWITCHES = {
 }
 VARIANTS = tuple(VARIANT_SWITCHES)
 DEFAULTS = dict(variant="drfl", stage="train", size="paper", data="kaggle_lungs_ct_64",
-                sr_target="teacher", teacher_from="", recipe="paper", fold=-1, seed=0)
+                sr_target="auto", teacher_from="", recipe="paper", fold=-1, seed=0)
 CHOICES = dict(variant=VARIANTS, stage=("train", "teacher"), size=("paper", "small", "tiny"),
-               data=registry.PRESETS, sr_target=("teacher", "bicubic"),
+               data=registry.PRESETS, sr_target=("auto", "teacher", "bicubic"),
                recipe=("paper", "code"), fold=(-1, 0, 1, 2, 3))
 
 # Network sizes: widths, RFTL (hidden, heads, mlp_dim, num_layers, patch_size), fusion.
@@ -79,7 +80,7 @@ def _train_schedule(c: mlc.ConfigDict, size: str) -> None:
 
 
 def drfl_config(*, variant: str = "drfl", stage: str = "train", size: str = "paper",
-                data: str = "kaggle_lungs_ct_64", sr_target: str = "teacher",
+                data: str = "kaggle_lungs_ct_64", sr_target: str = "auto",
                 teacher_from: str = "", recipe: str = "paper", fold: int = -1,
                 seed: int = 0) -> mlc.ConfigDict:
   """A complete, unlocked config of one stage (`train` or `teacher`)."""
@@ -91,6 +92,8 @@ def drfl_config(*, variant: str = "drfl", stage: str = "train", size: str = "pap
   c.seed = seed
   c.variant = variant
   _data(c, data, size, fold)
+  if sr_target == "auto":  # a lone train run has no teacher unless one is named
+    sr_target = "teacher" if teacher_from else "bicubic"
   c.sr_target = sr_target  # teacher: the teacher's cached 2x outputs; bicubic: a control
   c.teacher_from = teacher_from  # a finished teacher run ("stage:teacher" in the pipeline)
   c.augment = True  # random flips and 90° rotations (Sec. 4), on image, mask and SR target
