@@ -49,6 +49,25 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
   return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
 
 
+def attend(module: nn.Module, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *,
+           implementation: str | None = None, return_attention: bool = False,
+           dropout: float = 0.0, deterministic: bool = True):
+  """Multi-head attention output (B, N, heads, dh) and its weights (or None).
+
+  The fused `attention` kernel, unless the weights are needed: asked for, sown into a
+  mutable "intermediates" collection (`attention_weights`), or dropped out (`dropout`
+  with `deterministic=False`, which needs a "dropout" rng). Call it inside `module`'s
+  compact method.
+  """
+  drop = dropout > 0 and not deterministic
+  if not (return_attention or drop or module.is_mutable_collection("intermediates")):
+    return attention(q, k, v, implementation), None
+  weights = attention_weights(q, k)
+  module.sow("intermediates", "attention_weights", weights)
+  probs = nn.Dropout(dropout)(weights, deterministic=not drop) if drop else weights
+  return jnp.einsum("bnqk,bknd->bqnd", probs.astype(v.dtype), v), weights
+
+
 def head_layout(channels: int, num_heads: int, head_dim: int) -> tuple[int, int]:
   """(heads, head width) for ``channels``: fixed head_dim if > 0, else num_heads.
 

@@ -42,7 +42,7 @@ from typing import Any, Mapping, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from medrep_jax.models.attention import attention, attention_weights, head_layout
+from medrep_jax.models.attention import attend, head_layout
 from medrep_jax.models.resnet import Dtype, make_norm
 from medrep_jax.models.unet import last_feature_map
 
@@ -226,13 +226,8 @@ class CrossScaleAttention(nn.Module):
                               param_dtype=jnp.float32)
     q = dense((heads, dh), name="query")(tokens)
     k, v = jnp.unstack(dense((2, heads, dh), name="key_value")(src), axis=-3)
-    weights = None
-    if return_attention or self.is_mutable_collection("intermediates"):
-      weights = attention_weights(q, k)  # eq. 7, float32 softmax over keys
-      self.sow("intermediates", "attention_weights", weights)
-      o = jnp.einsum("bnqk,bknd->bqnd", weights.astype(v.dtype), v)
-    else:
-      o = attention(q, k, v, self.implementation)
+    o, weights = attend(self, q, k, v, implementation=self.implementation,  # eq. 7
+                        return_attention=return_attention)
     o = dense(d, axis=(-2, -1), name="out")(o)
     return (o, weights) if return_attention else o
 

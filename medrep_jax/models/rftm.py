@@ -44,13 +44,14 @@ attention logits and softmax are float32 (``attention.attention_weights``).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from medrep_jax.models.attention import attention, attention_weights, head_layout
+from medrep_jax.models.attention import attend, head_layout
 from medrep_jax.models.attention_blocks import conv
 from medrep_jax.models.heads import TokenMLP, layer_norm
 from medrep_jax.models.resnet import Dtype
@@ -144,15 +145,9 @@ class WeightedMultiHeadAttention(nn.Module):
     q = dense((heads, dh), name="query")(x) * g_q
     k = dense((heads, dh), name="key")(x if self.key_source == "query" else src) * g_k
     v = dense((heads, dh), name="value")(src) * g_v
-    drop = self.dropout > 0 and not deterministic
-    weights = None
-    if return_attention or drop or self.is_mutable_collection("intermediates"):
-      weights = attention_weights(q, k)
-      self.sow("intermediates", "attention_weights", weights)
-      probs = nn.Dropout(self.dropout)(weights, deterministic=not drop)
-      o = jnp.einsum("bnqk,bknd->bqnd", probs.astype(v.dtype), v)
-    else:
-      o = attention(q, k, v, self.implementation)
+    o, weights = attend(self, q, k, v, implementation=self.implementation,
+                        return_attention=return_attention, dropout=self.dropout,
+                        deterministic=deterministic)
     o = dense(d, axis=(-2, -1), name="out")(o)
     return (o, weights) if return_attention else o
 
@@ -259,35 +254,22 @@ class RFTL(nn.Module):
     return (out, all_weights) if return_attention else out
 
 
-class RFTM(nn.Module):
+class RFTM(RFTL):
   """Representation Fusion Transformer Module (DRFL Sec. 3.2, eq. 8-9, Fig. 2).
 
     H_seg    = RFTL_seg(F_seg),  H_sr = RFTL_sr(F_sr)        self-attention per stream
     H_fusion = RFTL_fusion(H_sr, context=H_seg)               eq. 8: Q from H_sr, K/V from H_seg
     returns    Concat(H_fusion * F_sr, F_seg)                 the input of eq. 9's Conv
 
-  Attributes are those of ``RFTL`` (shared by the three layers), plus ``cross_keys``:
-  "seg" (paper: K and V from H_seg) or "sr" (the authors' code: Q and K from H_sr, V from
-  H_seg).
+  Attributes are those of ``RFTL`` (shared by the three layers; ``key_source`` is set by
+  ``cross_keys``), plus ``cross_keys``: "seg" (paper: K and V from H_seg) or "sr" (the
+  authors' code: Q and K from H_sr, V from H_seg).
 
   ``__call__(f_seg, f_sr (B, H, W, C), train=False, return_attention=False)`` ->
   (B, H, W, 2C) in ``dtype``; with ``return_attention`` also a dict
   {"seg", "sr", "fusion": per-layer weights lists, "h_fusion": the map}.
   """
-  hidden: int = 768
-  num_heads: int = 12
-  mlp_dim: int = 3072
-  num_layers: int = 12
-  patch_size: int = 16
-  dilations: Sequence[int] = (6, 12)
-  dilated_kernel: int = 3
-  dropout: float = 0.1
-  attention_dropout: float = 0.0
-  gate_init: float = 0.1
-  train_gates: bool = True
   cross_keys: str = "seg"
-  dtype: Dtype = jnp.float32
-  implementation: str | None = None
 
   @nn.compact
   def __call__(self, f_seg: jnp.ndarray, f_sr: jnp.ndarray, train: bool = False,
@@ -297,13 +279,9 @@ class RFTM(nn.Module):
     if f_seg.shape != f_sr.shape:
       raise ValueError(f"RFTM needs F_seg and F_sr of one shape, got {f_seg.shape} and "
                        f"{f_sr.shape}")
-    layer = functools.partial(
-        RFTL, hidden=self.hidden, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-        num_layers=self.num_layers, patch_size=self.patch_size,
-        dilations=tuple(self.dilations), dilated_kernel=self.dilated_kernel,
-        dropout=self.dropout, attention_dropout=self.attention_dropout,
-        gate_init=self.gate_init, train_gates=self.train_gates, dtype=self.dtype,
-        implementation=self.implementation)
+    shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(RFTL)
+              if f.init and f.name not in ("parent", "name", "key_source")}
+    layer = functools.partial(RFTL, **shared)
     kw = dict(train=train, return_attention=return_attention)
     h_seg = layer(name="rftl_seg")(f_seg, **kw)
     h_sr = layer(name="rftl_sr")(f_sr, **kw)
