@@ -52,8 +52,7 @@ def _downstream(task: str, pre: mlc.ConfigDict, *, data: str, size: str, pretrai
       init_from="stage:pretrain" if pretrained else "", freeze=task == "classification",
       label_fraction=label_fraction, seed=seed)
   c.model.small_input = pre.model.small_input
-  c.data.update(dict(image_size=pre.data.image_size, num_classes=pre.data.num_classes,
-                     num_mask_classes=pre.data.num_mask_classes))
+  c.data.image_size = pre.data.image_size
   if size == "small":
     steps = 150 if task == "classification" else 300
     c.train.update(dict(num_steps=steps, batch_size=32 if task == "classification" else 16,
