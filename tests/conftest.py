@@ -92,3 +92,13 @@ def one_step(config, devices, tmp_path):
     state = t.build_state(batch)
     state, metrics = t._compile_step()(state, batch)  # pylint: disable=protected-access
     return jax.device_get((state.params, state.model_state, metrics))
+
+
+@pytest.fixture
+def torch():
+  """torch with one intra-op thread (OpenMP barriers crawl on a loaded 2-core box)."""
+  torch = pytest.importorskip("torch")
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield torch
+  torch.set_num_threads(threads)

@@ -124,16 +124,6 @@ def test_device_info_json_and_table(tmp_path):
 # ------------------------------------------------------------------ torch reference
 
 
-@pytest.fixture
-def torch():
-  """torch with one intra-op thread (OpenMP barriers crawl on a loaded 2-core box)."""
-  torch = pytest.importorskip("torch")
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield torch
-  torch.set_num_threads(threads)
-
-
 def test_torch_reference_matches_jax_size_and_shape(torch):
   from benchmarks.torch_ref import diffusion_unet as ref
   model = get_diffusion_unet("tiny", 3)

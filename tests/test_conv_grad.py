@@ -18,11 +18,12 @@ def _grads(fn, x, w, dy):
 @pytest.mark.parametrize("k,stride,padding", [
     (1, 1, "SAME"), (1, 2, "VALID"), (3, 1, "SAME"), (3, 2, "SAME"), (3, 2, ((1, 1), (1, 1))),
     (7, 2, ((3, 3), (3, 3))), (4, 2, ((1, 1), (1, 1))), (3, 1, "VALID"), (2, 3, ((0, 1), (1, 0)))])
-def test_matches_xla_gradient(k, stride, padding, monkeypatch):
+@pytest.mark.parametrize("c_out", [4, 1])  # 1: the shifted-dy path (C_out s^2 < C_in)
+def test_matches_xla_gradient(k, stride, padding, c_out, monkeypatch):
   monkeypatch.setenv("MEDREP_CONV_WEIGHT_GRAD", "matmul")
   rng = np.random.default_rng(k * 10 + stride)
   x = jnp.asarray(rng.standard_normal((3, 11, 9, 5), np.float32))
-  w = jnp.asarray(rng.standard_normal((k, k, 5, 4), np.float32))
+  w = jnp.asarray(rng.standard_normal((k, k, 5, c_out), np.float32))
   ref = lambda x, w: lax.conv_general_dilated(x, w, (stride, stride), padding,
                                               dimension_numbers=DN)
   new = lambda x, w: conv_grad.conv_general_dilated(x, w, (stride, stride), padding,
@@ -33,14 +34,15 @@ def test_matches_xla_gradient(k, stride, padding, monkeypatch):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
-def test_weight_grad_against_numpy_loop():
+@pytest.mark.parametrize("c_in,c_out", [(3, 4), (9, 2)])  # per-tap slices; shifted dy
+def test_weight_grad_against_numpy_loop(c_in, c_out):
   """dW[i, j] = sum over batch and output pixels of x_pad[s*y+i, s*x+j]^T dy[y, x]."""
   rng = np.random.default_rng(0)
-  x = rng.standard_normal((2, 6, 5, 3)).astype(np.float32)
-  dy = rng.standard_normal((2, 3, 3, 4)).astype(np.float32)
+  x = rng.standard_normal((2, 6, 5, c_in)).astype(np.float32)
+  dy = rng.standard_normal((2, 3, 3, c_out)).astype(np.float32)
   pads = ((1, 1), (1, 2))
   xp = np.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
-  want = np.zeros((3, 3, 3, 4), np.float32)
+  want = np.zeros((3, 3, c_in, c_out), np.float32)
   for i in range(3):
     for j in range(3):
       for yy in range(3):

@@ -7,8 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from PIL import Image
+
 import medrep_jax
-from medrep_jax import methods
+from medrep_jax import methods, predict
 from medrep_jax.core import optim
 from medrep_jax.losses import drfl as drfl_losses
 from medrep_jax.methods.drfl_parts import common
@@ -120,8 +122,7 @@ def test_sharded_drfl_step_equals_single_device(tmp_path):
 
 
 # ----------------------------------------------- teacher -> train, shared by the tests below
-# `dfm`: SR stream + Fusion Module. The attention variants (cbam, pfam) get NaN gradients
-# from their second step on under jit (jnp.max's gradient in models/attention_blocks.py).
+# `dfm`: SR stream + Fusion Module (the attention variants train in the tests above).
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory):
   config = pipeline_cfg.get_config("size=tiny,data=phantoms,variant=dfm")
@@ -167,3 +168,22 @@ def test_load_predict_returns_masks_at_the_input_size(pipeline_run):
   assert masks.shape == (3, 40, 48) and masks.dtype == np.uint8
   report = (workdir / "dfm" / "report.md").read_text()
   assert "segmentation_overlays.png" in report and "sr_stream.png" in report
+
+
+def test_predict_command_writes_fusion_masks_and_overlays(pipeline_run, tmp_path):
+  """`python -m medrep_jax.predict` on a DRFL run writes the p_fusion masks and overlays."""
+  _, workdir = pipeline_run
+  raw = np.random.default_rng(1).integers(0, 256, (3, 40, 48), dtype=np.uint8)
+  (tmp_path / "in").mkdir()
+  for i, image in enumerate(raw):
+    Image.fromarray(image).save(tmp_path / "in" / f"ct_{i}.png")
+  out = tmp_path / "out"
+  assert predict.main(["--workdir", str(workdir / "dfm"), "--input", str(tmp_path / "in"),
+                       "--output", str(out)]) == 0
+  model = medrep_jax.load(workdir / "dfm")
+  want = model.predict(tmp_path / "in")
+  scale = 255 if len(model.classes) <= 2 else 1  # binary: 0/255; more classes: the ids
+  for i in range(3):
+    mask = np.asarray(Image.open(out / f"ct_{i}_mask.png"))
+    np.testing.assert_array_equal(mask, want[i] * scale)
+    assert np.asarray(Image.open(out / f"ct_{i}_overlay.png")).shape == (40, 48, 3)

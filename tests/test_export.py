@@ -263,7 +263,9 @@ def test_torch_unet_computes_the_flax_unet(torch, encoder, norm, upsample, size)
   net.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()},
                       strict=True)
   want = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x))
-  np.testing.assert_allclose(_torch_outputs(torch, net, x), want, atol=1e-4, rtol=1e-4)
+  # norm="none" lets activations reach ~10 through 8 layers: float32 sums in another
+  # order differ by ~5e-4 relative there, so rtol is 2e-3.
+  np.testing.assert_allclose(_torch_outputs(torch, net, x), want, atol=1e-4, rtol=2e-3)
 
 
 @pytest.mark.parametrize("head_norm", [False, True])

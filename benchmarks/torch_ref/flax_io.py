@@ -27,10 +27,10 @@ from torch import nn
 
 from medrep_jax.export import TORCH_STATS, torch_kernel
 
-_STATS = {torch_name: flax_name for flax_name, torch_name in TORCH_STATS.items()}
+STATS_FROM_TORCH = {torch_name: flax_name for flax_name, torch_name in TORCH_STATS.items()}
 
 
-def _walk(tree: Mapping[str, Any], path: list[str], full: str) -> Mapping[str, Any]:
+def walk(tree: Mapping[str, Any], path: list[str], full: str) -> Mapping[str, Any]:
   node = tree
   for key in path:
     if key not in node:
@@ -39,7 +39,7 @@ def _walk(tree: Mapping[str, Any], path: list[str], full: str) -> Mapping[str, A
   return node
 
 
-def _value(module: nn.Module, leaf: str, node: Mapping[str, Any],
+def flax_value(module: nn.Module, leaf: str, node: Mapping[str, Any],
            shape: torch.Size) -> np.ndarray:
   if leaf == "bias":
     return np.asarray(node["bias"]).reshape(-1)
@@ -56,13 +56,15 @@ def _value(module: nn.Module, leaf: str, node: Mapping[str, Any],
 
 
 def load_flax(model: nn.Module, params: Mapping[str, Any],
-              batch_stats: Mapping[str, Any] | None = None) -> None:
+              batch_stats: Mapping[str, Any] | None = None, named_leaves: bool = False) -> None:
   """Loads flax ``params`` (and BatchNorm ``batch_stats``) into ``model`` in place.
 
   Args:
     model: a torch module named like the flax module (see module docstring).
     params: the flax ``"params"`` collection of the same module.
     batch_stats: its ``"batch_stats"`` collection; None keeps torch's running stats.
+    named_leaves: copy a torch leaf that the flax module holds under the same name (other
+      than ``bias``: a PReLU slope, a gate, a position embedding) as it is.
 
   Raises:
     KeyError: a torch tensor has no flax counterpart (the layouts differ).
@@ -72,12 +74,16 @@ def load_flax(model: nn.Module, params: Mapping[str, Any],
   for name, tensor in model.state_dict().items():
     prefix, _, leaf = name.rpartition(".")
     path = prefix.split(".") if prefix else []
-    if leaf == "num_batches_tracked" or (leaf in _STATS and batch_stats is None):
+    if leaf == "num_batches_tracked" or (leaf in STATS_FROM_TORCH and batch_stats is None):
       state[name] = tensor
       continue
-    if leaf in _STATS:
-      value = np.asarray(_walk(batch_stats, path, name)[_STATS[leaf]])
+    if leaf in STATS_FROM_TORCH:
+      value = np.asarray(walk(batch_stats, path, name)[STATS_FROM_TORCH[leaf]])
     else:
-      value = _value(modules[prefix], leaf, _walk(params, path, name), tensor.shape)
+      node = walk(params, path, name)
+      if named_leaves and leaf in node and leaf != "bias":
+        value = np.asarray(node[leaf])
+      else:
+        value = flax_value(modules[prefix], leaf, node, tensor.shape)
     state[name] = torch.from_numpy(np.array(value, np.float32)).reshape(tensor.shape)
   model.load_state_dict(state)

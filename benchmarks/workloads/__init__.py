@@ -21,6 +21,7 @@ _REGISTRY: dict[str, tuple[str, Any, str]] = {
     "vae": ("ldm", "run_vae", "LDM KL-VAE train step"),
     "ddim50": ("ldm", "run_ddim", "DDIM-50 sampling of the latent UNet"),
     "seg_finetune": ("segmentation", "run_seg", "U-Net segmentation fine-tuning step"),
+    "drfl": ("drfl", "run_drfl", "DRFL dual-stream segmentation step (+ torch A/B)"),
 }
 NAMES = tuple(_REGISTRY)
 

@@ -84,12 +84,21 @@ def _conv_fwd(x, w, strides, pads, precision, out_dtype):
 
 def weight_grad(x: jax.Array, dy: jax.Array, kernel_hw: tuple[int, int],
                 strides: tuple[int, int], pads) -> jax.Array:
-  """dW (kh, kw, C_in, C_out) of an NHWC convolution, one matrix product per kernel tap."""
+  """dW (kh, kw, C_in, C_out) of an NHWC convolution, one matrix product per kernel tap.
+
+  Each tap's product needs one operand shifted to that tap. When C_out s^2 < C_in (few
+  output channels, e.g. a 1-channel head) the output gradient is the one shifted: dy is
+  scattered onto the padded input grid at (s y + i, s x + j) for every tap, and one
+  (N', C_in)^T (N', kh kw C_out) product over the padded input gives all taps. Otherwise
+  the activations are sliced per tap (module docstring). Same sums either way.
+  """
   (kh, kw), (sh, sw) = kernel_hw, strides
   b, ho, wo, c_out = dy.shape
   c_in = x.shape[-1]
   if any(lo or hi for lo, hi in pads):
     x = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+  if c_out * sh * sw < c_in:
+    return _weight_grad_shift_dy(x, dy, (kh, kw), (sh, sw))
   dy2 = dy.reshape(b * ho * wo, c_out)
   taps = []
   for i in range(kh):
@@ -99,6 +108,25 @@ def weight_grad(x: jax.Array, dy: jax.Array, kernel_hw: tuple[int, int],
       taps.append(lax.dot_general(xs.reshape(b * ho * wo, c_in), dy2, (((0,), (0,)), ((), ())),
                                   preferred_element_type=jnp.float32))
   return jnp.stack(taps).reshape(kh, kw, c_in, c_out)
+
+
+def _weight_grad_shift_dy(x_pad: jax.Array, dy: jax.Array, kernel_hw: tuple[int, int],
+                          strides: tuple[int, int]) -> jax.Array:
+  """``weight_grad`` with dy scattered per tap onto x_pad's grid (x_pad read once)."""
+  (kh, kw), (sh, sw) = kernel_hw, strides
+  b, hp, wp, c_in = x_pad.shape
+  _, ho, wo, c_out = dy.shape
+  zero = jnp.zeros((), dy.dtype)
+  taps = []
+  for i in range(kh):
+    for j in range(kw):
+      # dy[y, x] lands at (s y + i, s x + j); the rest of the grid is 0.
+      taps.append(lax.pad(dy, zero, ((0, 0, 0), (i, hp - i - sh * (ho - 1) - 1, sh - 1),
+                                     (j, wp - j - sw * (wo - 1) - 1, sw - 1), (0, 0, 0))))
+  d = jnp.concatenate(taps, -1).reshape(b * hp * wp, kh * kw * c_out)
+  dw = lax.dot_general(x_pad.reshape(b * hp * wp, c_in), d, (((0,), (0,)), ((), ())),
+                       preferred_element_type=jnp.float32)         # (C_in, kh kw C_out)
+  return dw.reshape(c_in, kh, kw, c_out).transpose(1, 2, 0, 3)
 
 
 def _conv_bwd(strides, pads, precision, out_dtype, res, dy):

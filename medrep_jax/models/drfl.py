@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 
 from medrep_jax.models.attention_blocks import PFAMBlock, conv
+from medrep_jax.models.conv_transpose import ConvTranspose2x
 from medrep_jax.models.resnet import Dtype, Features, make_norm
 from medrep_jax.models.rftm import RFTM
 
@@ -56,11 +57,9 @@ SR_ACTIVATIONS = ("sigmoid", "tanh", "none")
 
 
 def _conv_t(features: int, kernel: int, dtype: Dtype, name: str,
-            use_bias: bool = False) -> nn.ConvTranspose:
+            use_bias: bool = False) -> ConvTranspose2x:
   """k x k stride-2 transposed conv, "SAME": exactly doubles H and W."""
-  return nn.ConvTranspose(features, (kernel, kernel), (2, 2), padding="SAME",
-                          use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                          name=name)
+  return ConvTranspose2x(features, kernel, use_bias=use_bias, dtype=dtype, name=name)
 
 
 def _prelu(x: jnp.ndarray, name: str) -> jnp.ndarray:

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from medrep_jax.models import resnet
+from medrep_jax.models.conv_transpose import ConvTranspose2x
 from medrep_jax.models.resnet import Dtype, Features, make_norm
 
 _PAD3 = ((1, 1), (1, 1))
@@ -88,8 +89,7 @@ class UNetDecoder(nn.Module):
     if self.upsample == "bilinear":
       return _resize(x, hw)
     if self.upsample == "transpose":
-      x = nn.ConvTranspose(width, (2, 2), strides=(2, 2), dtype=self.dtype,
-                           param_dtype=jnp.float32, name=name)(x)
+      x = ConvTranspose2x(width, 2, dtype=self.dtype, name=name)(x)
       return _resize(x, hw)
     raise ValueError(f"upsample must be 'bilinear' or 'transpose', got {self.upsample!r}")
 

@@ -27,7 +27,10 @@ class LadderTable(base.Task):
              "| variant | Dice | IoU | ACC | GFLOPs | paper LUNG Dice / IoU / ACC |",
              "|---|---|---|---|---|---|"]
     metrics = {}
-    for variant, path in dict(self.config.rows).items():
+    rows = dict(self.config.rows)  # a ConfigDict lists its keys sorted: back to ladder order
+    order = [v for v in PAPER_LUNG if v in rows] + sorted(set(rows) - set(PAPER_LUNG))
+    for variant in order:
+      path = rows[variant]
       done = pathlib.Path(path) / "done.json"
       if not done.exists():
         raise FileNotFoundError(f"row {variant!r}: {done} not found; the run in {path} has "
