@@ -17,9 +17,9 @@ import jax
 import numpy as np
 
 from benchmarks import flops, steps, torch_ab
+from benchmarks.workloads import segmentation
 from benchmarks.workloads.common import Options, measure_config, row
 from medrep_jax import config_lib
-from medrep_jax.data.sources import SourceInfo
 
 # size: configs/drfl.py SIZES entry; image: pixels (grayscale, as the paper's CT slices).
 DRFL = {
@@ -31,8 +31,7 @@ DRFL = {
 
 def binary_masks(method: Any) -> None:
   """Tells the method its (absent) data: one channel, binary masks (p_bin has K = 1)."""
-  method.info = SourceInfo(name="synthetic", num_classes=0, class_names=(), channels=1,
-                            has_mask=True, num_mask_classes=2)
+  segmentation.binary_masks(method, channels=1)
 
 
 def drfl_setup(opts: Options) -> tuple[Any, dict[str, np.ndarray]]:

@@ -24,9 +24,9 @@ SEG = {
 }
 
 
-def binary_masks(method: Any) -> None:
-  """Tells the method its (absent) data has binary masks."""
-  method.info = SourceInfo(name="synthetic", num_classes=0, class_names=(), channels=3,
+def binary_masks(method: Any, channels: int = 3) -> None:
+  """Tells the method its (absent) data: ``channels`` channels, binary masks."""
+  method.info = SourceInfo(name="synthetic", num_classes=0, class_names=(), channels=channels,
                             has_mask=True, num_mask_classes=2)
 
 

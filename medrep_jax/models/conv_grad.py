@@ -33,12 +33,18 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 MODES = ("auto", "xla", "matmul")
 
 
+def cpu_path(variable: str, modes: Sequence[str]) -> bool:
+  """Whether a CPU-tuned path is on: env ``variable`` is modes[2] (forced on), modes[1]
+  (off) or modes[0] ("auto": on for the CPU backend). Raises ValueError naming it."""
+  mode = os.environ.get(variable, modes[0]).strip().lower() or modes[0]
+  if mode not in modes:
+    raise ValueError(f"{variable} must be one of {tuple(modes)}, got {mode!r}")
+  return mode == modes[2] or (mode == modes[0] and jax.default_backend() == "cpu")
+
+
 def use_matmul_weight_grad() -> bool:
   """Whether traced convolutions take the matmul weight gradient (see module docstring)."""
-  mode = os.environ.get("MEDREP_CONV_WEIGHT_GRAD", "auto").strip().lower() or "auto"
-  if mode not in MODES:
-    raise ValueError(f"MEDREP_CONV_WEIGHT_GRAD must be one of {MODES}, got {mode!r}")
-  return mode == "matmul" or (mode == "auto" and jax.default_backend() == "cpu")
+  return cpu_path("MEDREP_CONV_WEIGHT_GRAD", MODES)
 
 
 def _is_nhwc(dimension_numbers) -> bool:

@@ -24,8 +24,6 @@ checkpoints are interchangeable. The sub-pixel path runs on the CPU backend;
 """
 from __future__ import annotations
 
-import os
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -40,10 +38,7 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 
 def use_subpixel() -> bool:
   """Whether stride-2 transposed convs take the sub-pixel form (see module docstring)."""
-  mode = os.environ.get("MEDREP_CONV_TRANSPOSE", "auto").strip().lower() or "auto"
-  if mode not in MODES:
-    raise ValueError(f"MEDREP_CONV_TRANSPOSE must be one of {MODES}, got {mode!r}")
-  return mode == "subpixel" or (mode == "auto" and jax.default_backend() == "cpu")
+  return conv_grad.cpu_path("MEDREP_CONV_TRANSPOSE", MODES)
 
 
 def same_front_pad(k: int, stride: int = 2) -> int:
