@@ -53,7 +53,7 @@ class ConvBlock(nn.Module):
     return x
 
 
-def _resize(x: jnp.ndarray, hw: tuple[int, int]) -> jnp.ndarray:
+def resize(x: jnp.ndarray, hw: tuple[int, int]) -> jnp.ndarray:
   """Bilinear resize of NHWC ``x`` to spatial size ``hw`` (half-pixel centres)."""
   if x.shape[1:3] == tuple(hw):
     return x
@@ -87,10 +87,10 @@ class UNetDecoder(nn.Module):
   def _up(self, x: jnp.ndarray, hw: tuple[int, int], width: int,
           name: str) -> jnp.ndarray:
     if self.upsample == "bilinear":
-      return _resize(x, hw)
+      return resize(x, hw)
     if self.upsample == "transpose":
       x = ConvTranspose2x(width, 2, dtype=self.dtype, name=name)(x)
-      return _resize(x, hw)
+      return resize(x, hw)
     raise ValueError(f"upsample must be 'bilinear' or 'transpose', got {self.upsample!r}")
 
   @nn.compact
