@@ -156,9 +156,11 @@ print("our output", flush=True)
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-  """os.environ without the variables under test, plus `extra`."""
+  """os.environ without the variables under test (and the test-run compile cache, so the
+  console is what a user sees), plus `extra`."""
   env = {k: v for k, v in os.environ.items()
-         if k not in ("TF_CPP_MIN_LOG_LEVEL", "MEDREP_VERBOSE")}
+         if k not in ("TF_CPP_MIN_LOG_LEVEL", "MEDREP_VERBOSE", "JAX_COMPILATION_CACHE_DIR")
+         and not k.startswith("JAX_PERSISTENT_CACHE")}
   return {**env, **extra}
 
 

@@ -50,3 +50,14 @@ def test_bad_mode_and_kernel_are_named(monkeypatch):
     conv_transpose.use_subpixel()
   with pytest.raises(ValueError, match="size 2-4"):
     conv_transpose.conv_transpose_2x(jnp.zeros((1, 4, 4, 1)), jnp.zeros((1, 1, 1, 1)))
+
+
+def test_auto_takes_subpixel_only_for_large_maps_on_cpu(monkeypatch):
+  monkeypatch.delenv("MEDREP_CONV_TRANSPOSE", raising=False)
+  big, small = conv_transpose.SUBPIXEL_MIN_MACS, conv_transpose.SUBPIXEL_MIN_MACS - 1
+  assert conv_transpose.use_subpixel(big) == (jax.default_backend() == "cpu")
+  assert not conv_transpose.use_subpixel(small)  # tiny maps: XLA's form compiles faster
+  monkeypatch.setenv("MEDREP_CONV_TRANSPOSE", "subpixel")
+  assert conv_transpose.use_subpixel(small)
+  monkeypatch.setenv("MEDREP_CONV_TRANSPOSE", "xla")
+  assert not conv_transpose.use_subpixel(big)

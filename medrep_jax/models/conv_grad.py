@@ -33,12 +33,19 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 MODES = ("auto", "xla", "matmul")
 
 
-def cpu_path(variable: str, modes: Sequence[str]) -> bool:
-  """Whether a CPU-tuned path is on: env ``variable`` is modes[2] (forced on), modes[1]
-  (off) or modes[0] ("auto": on for the CPU backend). Raises ValueError naming it."""
+def cpu_mode(variable: str, modes: Sequence[str]) -> str:
+  """The mode env ``variable`` asks for: one of `modes` ("auto", off, forced on), default
+  modes[0]. Raises ValueError naming the variable."""
   mode = os.environ.get(variable, modes[0]).strip().lower() or modes[0]
   if mode not in modes:
     raise ValueError(f"{variable} must be one of {tuple(modes)}, got {mode!r}")
+  return mode
+
+
+def cpu_path(variable: str, modes: Sequence[str]) -> bool:
+  """Whether a CPU-tuned path is on: env ``variable`` is modes[2] (forced on), modes[1]
+  (off) or modes[0] ("auto": on for the CPU backend). Raises ValueError naming it."""
+  mode = cpu_mode(variable, modes)
   return mode == modes[2] or (mode == modes[0] and jax.default_backend() == "cpu")
 
 
