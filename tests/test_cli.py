@@ -245,8 +245,8 @@ def test_commands_accept_verbose(tmp_path, capsys):
   r = subprocess.run(cli(tmp_path / "run", "--print_config", "--verbose"), cwd=REPO_ROOT,
                      capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr
-  from medrep_jax import evaluate, export, predict
-  for module in (predict, evaluate, export):
+  from medrep_jax import evaluate, export, predict, radiomics
+  for module in (predict, evaluate, export, radiomics):
     with pytest.raises(SystemExit) as exit_info:
       module.main(["--help"])
     assert exit_info.value.code == 0

@@ -19,7 +19,7 @@ LAYERS = (
     ("eval",),
     ("methods",),
     ("train", "inference", "export"),
-    ("main", "predict", "evaluate"),
+    ("main", "predict", "evaluate", "radiomics"),
 )
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
 

@@ -337,3 +337,20 @@ def test_finetune_segmentation_eval_scores_inside_the_roi(tmp_path):
   assert inside["dice"] == pytest.approx(1.0) and inside["pixel_accuracy"] == 1.0
   assert inside["ece_pixel"] == pytest.approx(M.ece(pred[roi > 0].astype(np.float32),
                                                      true[roi > 0].astype(np.int64)))
+
+
+def test_psnr_matches_numpy_inside_jit():
+  import jax
+  rng = np.random.default_rng(0)
+  x, y = rng.random((3, 4, 4, 1)), rng.random((3, 4, 4, 1))
+  want = [10 * np.log10(4.0 / np.mean((a - b) ** 2)) for a, b in zip(x, y)]
+  np.testing.assert_allclose(jax.jit(lambda a, b: M.psnr(a, b, 2.0))(x, y), want, rtol=1e-5)
+  assert float(M.psnr(x[:1], x[:1])[0]) == pytest.approx(100.0)  # mse floored at 1e-10
+
+
+def test_paired_bar_figure_draws_error_bars_and_negative_values(tmp_path):
+  path = figures.paired_bar_figure({"all": {"GLCM": [-0.2, 0.8], "ID": [0.5, 0.9]}},
+                                   ["baseline", "model"], tmp_path / "bars.png",
+                                   errors={"all": {"GLCM": [0.1, 0.05], "ID": [0.2, 0.1]}},
+                                   value_labels=False)
+  assert Image.open(path).size[0] > 100

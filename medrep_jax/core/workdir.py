@@ -44,12 +44,31 @@ def _now() -> str:
 # ------------------------------------------------------------------------------- files
 
 
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, *, fsync: bool = False) -> Iterator[Any]:
+  """A binary file opened beside `path`, renamed onto it when the block ends without error.
+
+  An error or a killed writer leaves the old `path` (or none) and no partial file. `fsync`
+  flushes the data to disk before the rename (large caches).
+  """
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+  try:
+    with open(tmp, "wb") as f:
+      yield f
+      if fsync:
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)
+
+
 def write_json(path: pathlib.Path, obj: Any) -> None:
   """Writes `obj` as JSON to `path` atomically (a killed writer leaves the old file)."""
-  path = pathlib.Path(path)
-  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-  tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-  os.replace(tmp, path)
+  with atomic_file(path) as f:
+    f.write((json.dumps(obj, indent=2, default=str) + "\n").encode())
 
 
 def read_config(workdir: pathlib.Path) -> dict | None:

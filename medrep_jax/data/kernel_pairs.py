@@ -27,11 +27,11 @@ import json
 import logging
 import os
 import pathlib
-import tempfile
 import zlib
 
 import numpy as np
 
+from medrep_jax.core import workdir
 from medrep_jax.data import ct_kernels, dicom, dicom_io, formats, imageio, splits
 from medrep_jax.data.sources import DataError, Record, Source, SourceInfo, check_split
 
@@ -72,7 +72,7 @@ def _resize(hu: np.ndarray, size: int) -> np.ndarray:
   return imageio.resize_image(hu, (size, size))[..., 0]
 
 
-def _read_hu(path: pathlib.Path, value_offset: float) -> np.ndarray:
+def read_hu(path: pathlib.Path, value_offset: float) -> np.ndarray:
   """One 2-D slice in HU: DICOM through the DICOM reader, other files as stored + offset."""
   if formats.suffix_of(path) == ".dcm":
     return dicom_io.read_dicom(path)[..., 0]
@@ -85,7 +85,7 @@ def _read_hu(path: pathlib.Path, value_offset: float) -> np.ndarray:
   return arr + np.float32(value_offset)
 
 
-def _slices(base: pathlib.Path) -> dict[str, pathlib.Path]:
+def slice_files(base: pathlib.Path) -> dict[str, pathlib.Path]:
   """Slice files under `base` by their relative path without extension."""
   out: dict[str, pathlib.Path] = {}
   for p in sorted(base.rglob("*")):
@@ -98,17 +98,8 @@ def _slices(base: pathlib.Path) -> dict[str, pathlib.Path]:
 
 
 def _save_atomic(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
+  with workdir.atomic_file(path, fsync=True) as f:
+    np.savez(f, **arrays)
 
 
 class KernelPairSource(Source):
@@ -165,7 +156,7 @@ class KernelPairSource(Source):
       if not base.is_dir():
         raise DataError(f"kernel folder {base} does not exist (kernels={kernels}); "
                         f"expected {self.root}/<kernel>/<patient>/<slice files>")
-      found.append(_slices(base))
+      found.append(slice_files(base))
     a, b = found
     for mine, other, k in ((a, b, kernels[1]), (b, a, kernels[0])):
       alone = sorted(set(mine) - set(other))
@@ -245,5 +236,5 @@ class KernelPairSource(Source):
       a, b = pairs["image_a"][index], pairs["image_b"][index]
     else:
       path_a, path_b = self._files[self._rows[index]]
-      a, b = (_resize(_read_hu(p, self.value_offset), self.size) for p in (path_a, path_b))
+      a, b = (_resize(read_hu(p, self.value_offset), self.size) for p in (path_a, path_b))
     return {"image_a": self._values(a), "image_b": self._values(b)}

@@ -182,6 +182,12 @@ def fields_of(data_cfg: Any) -> dict[str, Any]:
   return out
 
 
+def root_of(cfg: Any) -> pathlib.Path:
+  """The data folder of a data config: `data.root`, else the preset's folder under
+  MEDREP_DATA_DIR (DataError naming what to set)."""
+  return _root(cfg, _preset(cfg.name))
+
+
 def _root(cfg: Any, preset: dict[str, Any]) -> pathlib.Path:
   root = cfg.get("root", "")
   if root:

@@ -213,27 +213,36 @@ def heatmap_overlay_grid(images: np.ndarray, heatmaps: Mapping[str, np.ndarray],
 
 def paired_bar_figure(groups: Mapping[str, Mapping[str, Sequence[float]]],
                       series: Sequence[str], path: str | os.PathLike,
-                      title: str | None = None, ylabel: str = "value", dpi: int = 100) -> str:
+                      title: str | None = None, ylabel: str = "value", dpi: int = 100,
+                      errors: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
+                      value_labels: bool = True) -> str:
   """Grouped bars for comparing runs: one panel per group, a cluster per metric, a bar per run.
 
   Args:
     groups: panel title -> {metric -> one value per series (in `series` order)}.
     series: the legend names of the bars (e.g. "pretrained", "random init").
     path: output PNG.
+    errors: error-bar half widths (e.g. std), shaped like `groups`.
+    value_labels: print each bar's value on it.
   """
   fig = Figure(figsize=(3.2 * max(len(groups), 1) + 0.6, 3.4))
   axes = np.atleast_1d(fig.subplots(1, max(len(groups), 1)))
   for ax, (name, metrics) in zip(axes, groups.items()):
     labels = list(metrics)
     values = np.asarray([metrics[k] for k in labels], np.float64).reshape(len(labels), -1)
+    err = (np.asarray([errors[name][k] for k in labels], np.float64).reshape(values.shape)
+           if errors else None)
     width = 0.8 / max(values.shape[1], 1)
     for j in range(values.shape[1]):
       pos = np.arange(len(labels)) + (j - (values.shape[1] - 1) / 2) * width
-      bars = ax.bar(pos, values[:, j], width, label=series[j])
-      ax.bar_label(bars, fmt="%.2f", fontsize=7)
+      bars = ax.bar(pos, values[:, j], width, label=series[j],
+                    yerr=None if err is None else err[:, j], capsize=2)
+      if value_labels:
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
     ax.set_xticks(np.arange(len(labels)), labels, fontsize=8)
     ax.set_title(name, fontsize=10)
-    ax.set_ylim(0, 1.12)
+    low = np.nanmin(values)
+    ax.set_ylim(low - 0.1 if low < 0 else 0.0, 1.12)  # CCCs may be negative
     ax.grid(axis="y", alpha=0.3)
   axes[0].set_ylabel(ylabel)
   handles, names = axes[0].get_legend_handles_labels()

@@ -256,3 +256,14 @@ def segmentation_metrics(pred_mask: np.ndarray, true_mask: np.ndarray, num_class
       "hd95_excluded": excluded,
       "pixel_accuracy": acc,
   }
+
+
+def psnr(x, y, data_range: float = 1.0):
+  """Per-example PSNR (dB) of (B, ...) images with values in [0, data_range].
+
+  jax.numpy, so it runs inside a jitted eval step (the only array-side metric here).
+  """
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  diff = jnp.asarray(x, jnp.float32) - jnp.asarray(y, jnp.float32)
+  mse = jnp.mean(jnp.square(diff).reshape(diff.shape[0], -1), axis=1)
+  return 10.0 * jnp.log10(data_range ** 2 / jnp.maximum(mse, 1e-10))

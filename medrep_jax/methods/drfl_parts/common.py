@@ -58,12 +58,6 @@ def flip_rotate(rng: jax.Array, batch: dict[str, jax.Array],
   return {**batch, **dict(zip(present, moved))}
 
 
-def psnr(x: jax.Array, y: jax.Array) -> jax.Array:
-  """Per-example PSNR (dB) of images in [0, 1]."""
-  mse = jnp.mean(jnp.square(x.astype(jnp.float32) - y).reshape(x.shape[0], -1), axis=1)
-  return 10.0 * jnp.log10(1.0 / jnp.maximum(mse, 1e-10))
-
-
 def gflops_per_image(apply_fn, variables, image_shape: tuple[int, ...]) -> float:
   """GFLOPs of one forward pass on one image, from XLA's cost analysis of the jitted
   function (`jax.jit(f).lower(x).compile().cost_analysis()`; a multiply-add counts 2)."""

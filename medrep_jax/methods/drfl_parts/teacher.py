@@ -19,6 +19,7 @@ import numpy as np
 
 from medrep_jax.data import transforms as transforms_lib
 from medrep_jax.eval import figures as fig_lib
+from medrep_jax.eval import metrics as eval_metrics
 from medrep_jax.losses import drfl as drfl_losses
 from medrep_jax.methods import base
 from medrep_jax.methods.drfl_parts import common
@@ -47,7 +48,7 @@ class TeacherStage(base.Method):
     out, updates = self.model.apply({"params": params, **state.model_state},
                                     common.half(x), train=True, mutable=["batch_stats"])
     loss = drfl_losses.sr_loss(out, x)  # eq. 4 against the original
-    return loss, {"metrics": {"psnr": jnp.mean(common.psnr(jnp.clip(out, 0, 1), x))},
+    return loss, {"metrics": {"psnr": jnp.mean(eval_metrics.psnr(jnp.clip(out, 0, 1), x))},
                   "updates": updates}
 
   def upscale(self, variables, images: jax.Array) -> jax.Array:
@@ -57,8 +58,8 @@ class TeacherStage(base.Method):
   def eval_step(self, state, batch):
     x = batch["image"]
     low = common.half(x)
-    return {"psnr_teacher": common.psnr(self.upscale(state.variables(), low), x),
-            "psnr_bicubic": common.psnr(common.bicubic_2x(low), x),
+    return {"psnr_teacher": eval_metrics.psnr(self.upscale(state.variables(), low), x),
+            "psnr_bicubic": eval_metrics.psnr(common.bicubic_2x(low), x),
             "index": batch["index"]}
 
   def evaluate(self, outputs, state, ctx):

@@ -16,17 +16,12 @@ import numpy as np
 import optax
 
 from medrep_jax.eval import figures as fig_lib
+from medrep_jax.eval import metrics as eval_metrics
 from medrep_jax.losses import vae as vae_losses
 from medrep_jax.methods import base
 from medrep_jax.methods.ldm_parts import common
 from medrep_jax.models import vae
 from medrep_jax.core import optim
-
-
-def psnr(x: jax.Array, y: jax.Array) -> jax.Array:
-  """Per-example PSNR in dB of images in [0, 1]."""
-  mse = jnp.mean(jnp.square(x - y).reshape(x.shape[0], -1), axis=1)
-  return 10.0 * jnp.log10(1.0 / jnp.maximum(mse, 1e-10))
 
 
 class VAEStage(base.Method):
@@ -97,7 +92,8 @@ class VAEStage(base.Method):
     x_rec, _ = self.model.apply({"params": state.params}, x * 2.0 - 1.0,
                                 sample_posterior=False)
     x_rec = jnp.clip((x_rec + 1.0) / 2.0, 0.0, 1.0)
-    return {"psnr": psnr(x, x_rec), "l1": jnp.mean(jnp.abs(x - x_rec), axis=(1, 2, 3)),
+    return {"psnr": eval_metrics.psnr(x, x_rec),
+            "l1": jnp.mean(jnp.abs(x - x_rec), axis=(1, 2, 3)),
             "index": batch["index"]}
 
   def evaluate(self, outputs, state, ctx):

@@ -1,0 +1,103 @@
+"""LTDiff++ (Sadia, Zhang, Chen): UNet++ encoder-decoder + latent DDPM for CT kernels.
+
+  python -m medrep_jax.main --config configs/ltdiff.py:stage=ae,size=small --workdir runs/ltdiff_ae
+
+Paper values (Sec. III-A/C, IV): UNet++ of depth 5, widths 32-64-128-256-512 (the UNet++
+paper, which Sec. III-A1 follows) with deep-supervision heads on X_(0,1..4) (Sec.
+III-A3); Adam, lr 1e-4 (Sec. III-C); the autoencoder trains 400 epochs on all slices of
+both kernels (phase 1). Not stated, so choices here: the image size (512 px in the
+paper's data; 256 here), the latent (the bottleneck X_(4,0) through a 1x1 conv to 4
+channels: 16x16x4 at 256 px), the batch (16), the head weights (equal, 1/n), the
+per-head loss (L1: the printed BCE + Dice is UNet++'s mask loss), and the HU window
+[-1000, 1000] mapped to [0, 1] (it holds every evaluation window of Sec. IV-B).
+
+Data: (A, B) kernel pairs simulated by FBP from real CT with the pilot of
+shared/specs/ltdiff.md: 180 views, Poisson I0 = 5e4, A = Hann at 0.5 Nyquist (smooth,
+non-standard), B = ramp (sharp, standard); cached once in `data.cache_dir` ("" = the shared
+kernel-pair cache). Real pairs: `--config.data.kernels="('Br40', 'Bl64')"` with
+`--config.data.root` holding `<kernel>/<patient>/...`.
+
+Variant args:
+  stage=ae  (phase 1; latent_ddpm, joint, translate and evaluate come next)
+  size=paper|small|tiny  (small: 128 px, a 4-level UNet++ at widths 16-128, latents
+        16x16x4, a real-data run for a CPU; tiny: 32 px, widths 4-8-16, 2 steps, tests)
+  data=covid_ct|phantoms  (covid_ct: the COVID-19-NY-SBU DICOMs, $MEDREP_DATA_DIR/
+        ct_covid19_ny_sbu_dicom, 10 patients; phantoms: procedural phantoms read as HU,
+        simulated on access, no data needed)
+  seed=<int>
+"""
+import ml_collections as mlc
+
+from medrep_jax import config_lib
+from medrep_jax.data import registry
+
+STAGES = ("ae",)
+DEFAULTS = dict(stage="ae", size="paper", data="covid_ct", seed=0)
+CHOICES = dict(stage=STAGES, size=("paper", "small", "tiny"), data=("covid_ct", "phantoms"))
+
+SIZES = {
+    "paper": dict(image_size=256, widths=(32, 64, 128, 256, 512), latent_channels=4),
+    "small": dict(image_size=128, widths=(16, 32, 64, 128), latent_channels=4),
+    "tiny": dict(image_size=32, widths=(4, 8, 16), latent_channels=4),
+}
+# HU window (level, width): [-1000, 1000] -> [0, 1]; holds the windows of Sec. IV-B.
+WINDOW = (0.0, 2000.0)
+
+
+def data_config(data: str = "covid_ct", size: str = "paper") -> mlc.ConfigDict:
+  """The data fields: the preset's (root resolution, splits by patient) plus the kernel
+  pairs' (`ltdiff_parts.data.pair_source`)."""
+  c = registry.data_config(data, image_size=SIZES[size]["image_size"],
+                           window_level=WINDOW[0], window_width=WINDOW[1])
+  c.kernels = ()  # () simulates the pairs; (A, B): real kernel folders under root
+  c.max_slices = 16 if size == "tiny" else 0  # > 0: this many slices, spread over patients
+  c.include = ""  # regex on slice paths, e.g. "/axial/" ("" = every slice, reformats too)
+  c.group_depth = 1  # folders below the root that name the patient (split by patient)
+  c.value_offset = 0.0  # real pairs stored as non-HU arrays: HU = value + offset
+  c.cache_dir = ""  # "" = $MEDREP_CACHE_DIR/kernel_pairs, else ~/.cache/medrep_jax/...
+  if data == "phantoms" and size == "tiny":
+    c.num_examples = 16
+  # The spec's pilot (shared/specs/ltdiff.md): the paper's baseline regime.
+  c.simulation = mlc.ConfigDict(dict(num_views=180, i0=5e4, filter_a="hann", cutoff_a=0.5,
+                                     filter_b="ramp", cutoff_b=1.0, fov_mm=400.0,
+                                     mu_water=0.0192, seed=0))
+  return c
+
+
+def ae_config(*, size: str = "paper", data: str = "covid_ct", seed: int = 0) -> mlc.ConfigDict:
+  """Phase 1: the UNet++ reconstructs every slice of both kernels (Sec. III-A, III-C)."""
+  s = SIZES[size]
+  c = config_lib.base_config("ltdiff")
+  c.stage = "ae"
+  c.seed = seed
+  c.data = data_config(data, size)
+  c.model = mlc.ConfigDict(dict(
+      widths=s["widths"], norm="batch", deep_supervision=True,
+      latent_channels=s["latent_channels"],  # 0: the bottleneck X_(d-1,0) itself
+      skip_mode="source",  # "none": decode from the latent alone (the skip ablation)
+      upsample="bilinear"))
+  # Sec. III-A3: L = sum_j w_j l(head_j); l1 | l2 per head, () = equal weights 1/n.
+  c.loss = mlc.ConfigDict(dict(kind="l1", head_weights=()))
+  c.eval = mlc.ConfigDict(dict(figure_slices=6))  # slices in the report's figure
+  c.optim.update(dict(name="adam", lr=1e-4, weight_decay=0.0, schedule="constant"))
+  c.train.update(dict(batch_size=16, num_epochs=400.0, eval_every=0, log_every=20,
+                      checkpoint_every=1000, eval_batch_size=16))
+  if size == "small":
+    # ~100 slices (both kernels) of covid_ct at 128 px: 1500 steps ≈ 240 epochs.
+    c.train.update(dict(num_epochs=0.0, num_steps=1500, eval_every=500,
+                        checkpoint_every=500, log_every=25))
+  elif size == "tiny":
+    config_lib.set_tiny_train(c)
+    c.eval.figure_slices = 4
+  return c
+
+
+def ltdiff_config(*, stage: str = "ae", size: str = "paper", data: str = "covid_ct",
+                  seed: int = 0) -> mlc.ConfigDict:
+  """A complete, unlocked config of one stage."""
+  builders = {"ae": ae_config}
+  return builders[stage](size=size, data=data, seed=seed)
+
+
+def get_config(arg: str = "") -> mlc.ConfigDict:
+  return ltdiff_config(**config_lib.parse_variant(arg, DEFAULTS, CHOICES)).lock()
