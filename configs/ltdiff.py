@@ -17,8 +17,17 @@ non-standard), B = ramp (sharp, standard); cached once in `data.cache_dir` ("" =
 kernel-pair cache). Real pairs: `--config.data.kernels="('Br40', 'Bl64')"` with
 `--config.data.root` holding `<kernel>/<patient>/...`.
 
+Phase 2 (`stage=latent_ddpm`, needs `--config.ae_from=<ae run>`) and translation
+(`stage=translate`, needs `--config.ddpm_from=<latent_ddpm run>`; `ae_from` "" = the one
+the latent_ddpm run used); configs/pipeline_ltdiff.py runs ae -> latent_ddpm -> translate.
+Adam, lr 1e-4 and 400 epochs for the DDPM ("same parameters and epochs", Sec. III-C). Not
+stated, so choices here: T = 1000 with DDPM's linear β schedule, the denoiser
+(DiffusionUNet "small" preset at base width 128 for 16x16 latents), EMA 0.9999, the
+latent normalization (per-channel shift, 1/std scale), t* = 500 (the paper's σ² of
+Z~_A = Z_A + η) and the sampler (DDPM ancestral, every step from t*).
+
 Variant args:
-  stage=ae  (phase 1; latent_ddpm, joint, translate and evaluate come next)
+  stage=ae|latent_ddpm|translate  (phase 1; phase 2; A -> A'. joint and evaluate come next)
   size=paper|small|tiny  (small: 128 px, a 4-level UNet++ at widths 16-128, latents
         16x16x4, a real-data run for a CPU; tiny: 32 px, widths 4-8-16, 2 steps, tests)
   data=covid_ct|phantoms  (covid_ct: the COVID-19-NY-SBU DICOMs, $MEDREP_DATA_DIR/
@@ -31,7 +40,7 @@ import ml_collections as mlc
 from medrep_jax import config_lib
 from medrep_jax.data import registry
 
-STAGES = ("ae",)
+STAGES = ("ae", "latent_ddpm", "translate")
 DEFAULTS = dict(stage="ae", size="paper", data="covid_ct", seed=0)
 CHOICES = dict(stage=STAGES, size=("paper", "small", "tiny"), data=("covid_ct", "phantoms"))
 
@@ -92,10 +101,69 @@ def ae_config(*, size: str = "paper", data: str = "covid_ct", seed: int = 0) -> 
   return c
 
 
+# The latent denoiser (DiffusionUNet presets + overrides; 0 / () keep the preset's value).
+DENOISERS = {
+    "paper": dict(size="small", base_width=128, channel_mult=(), num_res_blocks=0),
+    "small": dict(size="small", base_width=64, channel_mult=(), num_res_blocks=0),
+    "tiny": dict(size="tiny", base_width=8, channel_mult=(1, 2), num_res_blocks=1),
+}
+
+
+def latent_ddpm_config(*, size: str = "paper", data: str = "covid_ct",
+                       seed: int = 0) -> mlc.ConfigDict:
+  """Phase 2: ε-model on Z_B conditioned on Z_A (concatenation), ae frozen (Sec. III-B/C)."""
+  c = config_lib.base_config("ltdiff")
+  c.stage = "latent_ddpm"
+  c.seed = seed
+  c.data = data_config(data, size)
+  c.ae_from = ""  # a finished ae run; "stage:ae" in the pipeline
+  c.model = mlc.ConfigDict(DENOISERS[size])
+  # Not stated in the paper: DDPM's T and linear schedule.
+  c.diffusion = mlc.ConfigDict(dict(schedule="linear", num_timesteps=1000,
+                                    parameterization="eps"))
+  c.latent_norm = True  # z' = (z - per-channel mean) / std of the first batch
+  c.ema_decay = 0.9999
+  c.optim.update(dict(name="adam", lr=1e-4, weight_decay=0.0, schedule="constant"))
+  c.train.update(dict(batch_size=16, num_epochs=400.0, eval_every=0, log_every=20,
+                      checkpoint_every=1000, eval_batch_size=16))
+  if size == "small":
+    c.ema_decay = 0.999
+    c.train.update(dict(num_epochs=0.0, num_steps=3000, eval_every=500,
+                        checkpoint_every=500, log_every=25))
+  elif size == "tiny":
+    c.diffusion.num_timesteps = 50
+    c.ema_decay = 0.9
+    config_lib.set_tiny_train(c)
+  return c
+
+
+def translate_config(*, size: str = "paper", data: str = "covid_ct",
+                     seed: int = 0) -> mlc.ConfigDict:
+  """A -> A': Z_A noised to t*, reverse chain conditioned on Z_A, decoded (SDEdit reading)."""
+  c = config_lib.base_config("ltdiff")
+  c.stage = "translate"
+  c.seed = seed
+  c.data = data_config(data, size)
+  c.ae_from = ""  # "" = the ae run the latent_ddpm run was trained on
+  c.ddpm_from = ""  # a finished latent_ddpm run; "stage:latent_ddpm" in the pipeline
+  # t_star in [1, T]; sampler ddpm (every step from t*) | ddim (`steps`, `eta`).
+  c.translate = mlc.ConfigDict(dict(t_star=500, sampler="ddpm", steps=50, eta=0.0,
+                                    batch_size=16, max_slices=0, figure_slices=4,
+                                    seed=seed))
+  if size == "small":
+    c.translate.update(dict(sampler="ddim", steps=50))
+  elif size == "tiny":
+    config_lib.set_tiny_train(c)  # trains nothing; keeps the tiny contract
+    c.translate.update(dict(t_star=25, sampler="ddim", steps=4, batch_size=8,
+                            max_slices=8))
+  return c
+
+
 def ltdiff_config(*, stage: str = "ae", size: str = "paper", data: str = "covid_ct",
                   seed: int = 0) -> mlc.ConfigDict:
   """A complete, unlocked config of one stage."""
-  builders = {"ae": ae_config}
+  builders = {"ae": ae_config, "latent_ddpm": latent_ddpm_config,
+              "translate": translate_config}
   return builders[stage](size=size, data=data, seed=seed)
 
 

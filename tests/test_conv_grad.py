@@ -81,7 +81,15 @@ def test_mode_switch(monkeypatch):
   monkeypatch.setenv("MEDREP_CONV_WEIGHT_GRAD", "matmul")
   assert conv_grad.use_matmul_weight_grad()
   monkeypatch.setenv("MEDREP_CONV_WEIGHT_GRAD", "auto")
-  assert conv_grad.use_matmul_weight_grad() == (jax.default_backend() == "cpu")
+  cpu = jax.default_backend() == "cpu"
+  assert conv_grad.use_matmul_weight_grad() == cpu
+  # auto: where the matmul form pays (1x1, strided, few outputs, wide), XLA's elsewhere
+  for shape, strides in [((1, 1, 16, 16), (1, 1)), ((3, 3, 16, 32), (2, 2)),
+                         ((3, 3, 64, 1), (1, 1)), ((3, 3, 64, 64), (1, 1))]:
+    assert conv_grad.use_matmul_weight_grad(shape, strides) == cpu, shape
+  assert not conv_grad.use_matmul_weight_grad((3, 3, 32, 32), (1, 1))
+  monkeypatch.setenv("MEDREP_CONV_WEIGHT_GRAD", "matmul")
+  assert conv_grad.use_matmul_weight_grad((3, 3, 32, 32), (1, 1))
   monkeypatch.setenv("MEDREP_CONV_WEIGHT_GRAD", "fast")
   with pytest.raises(ValueError, match="MEDREP_CONV_WEIGHT_GRAD"):
     conv_grad.use_matmul_weight_grad()

@@ -55,7 +55,7 @@ def test_paper_and_small_configs():
   assert ltdiff_cfg.get_config("size=tiny").train.num_steps <= 2
 
 
-@pytest.mark.parametrize("arg,match", [("stage=latent_ddpm", "Allowed stage values"),
+@pytest.mark.parametrize("arg,match", [("stage=joint", "Allowed stage values"),
                                        ("data=kermany", "Allowed data values"),
                                        ("size=smal", "Did you mean 'small'")])
 def test_bad_variant_args(arg, match):
@@ -196,6 +196,7 @@ def test_ae_fits_a_batch_and_bf16_keeps_fp32_state(tmp_path):
 
 
 # ------------------------------------------------------------------------------ a run
+@pytest.mark.xdist_group("ltdiff")  # shares test_cli's tiny_run("ltdiff")
 def test_tiny_run_reports_reconstructions(tiny_run):
   workdir = tiny_run("ltdiff")
   report = (workdir / "report.md").read_text()

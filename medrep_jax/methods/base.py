@@ -206,3 +206,17 @@ def gradient_step(state: TrainState, loss_fn: Callable[[Any], tuple[jax.Array, d
                                                     **aux.get("updates", {})})
   metrics = {"loss": loss, **aux.get("metrics", {}), "grad_norm": optax.tree.norm(grads)}
   return state, metrics, aux
+
+
+class EMAParams:
+  """Mixin for a `Method`: after each step, state.extras["ema"] <- EMA of the params.
+
+  ema = decay * ema + (1 - decay) * params with decay = `config.ema_decay`
+  (`optax.incremental_update`); the method puts the first copy in `extras["ema"]`.
+  """
+
+  def train_step(self, state, batch, rng):
+    state, metrics = super().train_step(state, batch, rng)
+    ema = optax.incremental_update(state.params, state.extras["ema"],
+                                   step_size=1.0 - float(self.config.ema_decay))
+    return state.replace(extras={**state.extras, "ema": ema}), metrics

@@ -4,10 +4,14 @@ Stages (`config.stage`), in the paper's phases (Sec. III-C):
   - `ae` (phase 1): the UNet++ encoder-decoder with deep supervision (Sec. III-A,
     `models.unetpp`) trained to reconstruct every slice of both kernels, L1 per head
     (`ltdiff_parts.ae`);
-and, to come, with the `ae` run frozen: `latent_ddpm` (phase 2: ε-model on Z_B
-conditioned on Z_A by concatenation, Sec. III-B), `joint` (phase 3: ||Z_A' - Z_B||^2 +
-λ||D(Z_A') - B||^2), `translate` (Z_A noised to t*, SDEdit-style sampling, decode) and
-`evaluate` (Lin's CCC per radiomic feature class within HU windows, Sec. IV-B).
+  - `latent_ddpm` (phase 2, `ltdiff_parts.latent_ddpm`): with the `ae` run frozen
+    (`ae_from`), an ε-prediction DiffusionUNet on cached Z_B latents conditioned on Z_A by
+    concatenation (Sec. III-B, DESIGN reading), with EMA; eval: ε-MSE on the val split;
+  - `translate` (`ltdiff_parts.translate`): Z_A noised to t* (SDEdit-style, the paper's
+    Z~_A = Z_A + η), the reverse chain conditioned on Z_A (DDPM or DDIM), A' = D(Z_A');
+    writes translated/{A,A_prime,B}/*.npy HU slices for `python -m medrep_jax.radiomics`;
+and, to come: `joint` (phase 3: ||Z_A' - Z_B||^2 + λ||D(Z_A') - B||^2) and `evaluate`
+(Lin's CCC per radiomic feature class within HU windows, Sec. IV-B).
 
 Data (`ltdiff_parts.data`): (A, B) kernel pairs from `config.data` (simulated by FBP from
 real DICOM CT and cached, real kernel folders, or procedural phantoms), HU windowed to
@@ -15,4 +19,6 @@ real DICOM CT and cached, real kernel folders, or procedural phantoms), HU windo
 """
 from __future__ import annotations
 
-STAGES = {"ae": "ltdiff_parts.ae:AEStage"}
+STAGES = {"ae": "ltdiff_parts.ae:AEStage",
+          "latent_ddpm": "ltdiff_parts.latent_ddpm:LatentDDPMStage",
+          "translate": "ltdiff_parts.translate:TranslateStage"}

@@ -16,8 +16,16 @@ one a strided slice per tap. The forward pass and the input gradient are XLA's o
 go to `lax.conv_general_dilated` unchanged.
 
 The matmul gradient is used on the CPU backend only (GPU and TPU convolution libraries have
-fast weight gradients of their own). `MEDREP_CONV_WEIGHT_GRAD=xla|matmul` forces one path on
-every backend, e.g. for A/B timing.
+fast weight gradients of their own), and there only where it pays: 1x1 and strided convs,
+few output channels, and C_in C_out >= 64 x 64. For 3x3 stride-1 convs of 16-32 channels
+XLA's own gradient is faster (weight gradient alone, one core: (16, 32, 32, 32) 15 vs
+19 ms; (16, 64, 64, 8 -> 16) 8.6 vs 16 ms), and in a whole step the per-tap slices of many
+such convs cost more still. The DRFL small step (one core, the three builds timed
+interleaved in one process): matmul gradient on every conv 1.30 s, this rule 1.17 s, XLA's
+gradient everywhere 1.06 s, so the rule is not yet the best split for small-channel nets.
+ResNet-50's convs all meet the rule (1x1, strided or >= 64 x 64 channels) and keep the
+matmul form (1x1 256 -> 64: 20 vs 78 ms). `MEDREP_CONV_WEIGHT_GRAD=xla|matmul` forces one
+path on every conv and backend, e.g. for A/B timing.
 """
 from __future__ import annotations
 
@@ -49,9 +57,30 @@ def cpu_path(variable: str, modes: Sequence[str]) -> bool:
   return mode == modes[2] or (mode == modes[0] and jax.default_backend() == "cpu")
 
 
-def use_matmul_weight_grad() -> bool:
-  """Whether traced convolutions take the matmul weight gradient (see module docstring)."""
-  return cpu_path("MEDREP_CONV_WEIGHT_GRAD", MODES)
+# "auto" keeps XLA's weight gradient for 3x3-type stride-1 convs with C_in C_out below this
+# (16-32 channels): there the per-tap slices cost more than XLA's transposes (module docstring).
+MATMUL_MIN_CHANNEL_PRODUCT = 64 * 64
+
+
+def use_matmul_weight_grad(kernel_shape: Sequence[int] | None = None,
+                           strides: Sequence[int] = (1, 1)) -> bool:
+  """Whether a traced convolution takes the matmul weight gradient (module docstring).
+
+  "matmul"/"xla" force it on/off. "auto" needs the CPU backend and, given the HWIO
+  `kernel_shape`, a conv where the matmul form pays: 1x1, strided, few output channels
+  (C_out s^2 < C_in), or C_in C_out >= MATMUL_MIN_CHANNEL_PRODUCT.
+  """
+  mode = cpu_mode("MEDREP_CONV_WEIGHT_GRAD", MODES)
+  if mode != "auto":
+    return mode == "matmul"
+  if jax.default_backend() != "cpu":
+    return False
+  if kernel_shape is None:
+    return True
+  kh, kw, c_in, c_out = (int(d) for d in kernel_shape)
+  s = max(int(d) for d in strides)
+  return (kh * kw == 1 or s > 1 or c_out * s * s < c_in
+          or c_in * c_out >= MATMUL_MIN_CHANNEL_PRODUCT)
 
 
 def _is_nhwc(dimension_numbers) -> bool:
@@ -67,8 +96,8 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_d
                          batch_group_count: int = 1, precision=None,
                          preferred_element_type=None):
   """`lax.conv_general_dilated` with a matmul weight gradient for plain NHWC 2-D convs."""
-  plain = (use_matmul_weight_grad() and lhs.ndim == 4 and _is_nhwc(dimension_numbers) and feature_group_count == 1
-           and batch_group_count == 1 and all(d == 1 for d in (lhs_dilation or (1, 1)))
+  plain = (lhs.ndim == 4 and _is_nhwc(dimension_numbers) and feature_group_count == 1
+           and use_matmul_weight_grad(rhs.shape, window_strides) and batch_group_count == 1 and all(d == 1 for d in (lhs_dilation or (1, 1)))
            and all(d == 1 for d in (rhs_dilation or (1, 1))))
   if not plain:
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,

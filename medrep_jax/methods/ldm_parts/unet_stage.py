@@ -29,7 +29,7 @@ from medrep_jax.methods import base
 from medrep_jax.methods.ldm_parts import common
 
 
-class UNetStage(base.Method):
+class UNetStage(base.EMAParams, base.Method):
   """Trains the latent `DiffusionUNet` with L_simple (ε-prediction)."""
 
   def __init__(self, config, workdir=None, mesh=None):
@@ -98,12 +98,6 @@ class UNetStage(base.Method):
     out = diffusion.training_losses(self.sched, model_fn, z0, k_diff,
                                     parameterization=self.config.diffusion.parameterization)
     return jnp.mean(out["loss"]), {}
-
-  def train_step(self, state, batch, rng):
-    state, metrics = super().train_step(state, batch, rng)
-    ema = optax.incremental_update(state.params, state.extras["ema"],
-                                   step_size=1.0 - float(self.config.ema_decay))
-    return state.replace(extras={**state.extras, "ema": ema}), metrics
 
   # ---- sampling: used by the eval below and by the `sample` stage
   def sample(self, extras, *, num: int, seed: int, num_steps: int, sampler: str = "ddim",
