@@ -70,6 +70,17 @@ def load_config(name: str, arg: str = "size=tiny,data=phantoms"):
   return config_module(name).get_config(arg)
 
 
+def tiny_config(name: str):
+  """The config `tiny_run(name)` runs: size=tiny on 32 phantoms (unlocked)."""
+  config = load_config(name)
+  with config.unlocked():
+    for stage in (config.stages if "stages" in config else [None]):
+      run_cfg = config[stage] if stage else config
+      if "data" in run_cfg and run_cfg.data.name == "phantoms":
+        run_cfg.data.num_examples = 32
+  return config
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
   """tiny_run(name) runs configs/<name>.py at size=tiny on phantoms once per session."""
@@ -78,13 +89,8 @@ def tiny_run(tmp_path_factory):
   def run(name: str) -> pathlib.Path:
     if name not in done:
       from medrep_jax.train import pipeline, trainer
-      config = load_config(name)
+      config = tiny_config(name)
       workdir = tmp_path_factory.mktemp(f"tiny_{name}")
-      with config.unlocked():
-        for stage in (config.stages if "stages" in config else [None]):
-          run_cfg = config[stage] if stage else config
-          if "data" in run_cfg and run_cfg.data.name == "phantoms":
-            run_cfg.data.num_examples = 32
       if pipeline.is_pipeline(config):
         pipeline.run_pipeline(config, workdir)
       else:

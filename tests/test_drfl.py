@@ -16,10 +16,9 @@ from medrep_jax.losses import drfl as drfl_losses
 from medrep_jax.methods.drfl_parts import common
 from medrep_jax.train import pipeline
 
-from conftest import config_module, one_step
+from conftest import config_module, one_step, tiny_config
 
 drfl_cfg = config_module("drfl")
-pipeline_cfg = config_module("pipeline_drfl")
 
 
 def _tiny(variant="drfl", **kw):
@@ -98,9 +97,9 @@ def _terms(variant):
       {"loss_fusion"} if variant.startswith("dfm") or variant == "drfl" else set())
 
 
-# `dfm` trains in the pipeline fixture below and `drfl` in the sharded test; the RFTM of
+# `drfl` trains in the sharded test and in the shared pipeline run below; the RFTM of
 # `dfm_rftm` runs in both attention variants.
-@pytest.mark.parametrize("variant", ["unet", "ss", "ss_srs", "dfm_rftm_cbam"])
+@pytest.mark.parametrize("variant", ["unet", "ss", "ss_srs", "dfm", "dfm_rftm_cbam"])
 def test_every_variant_takes_a_step_with_its_loss_terms(variant, tmp_path):
   config = _tiny(variant, sr_target="bicubic")
   config.train.batch_size = 2
@@ -122,26 +121,21 @@ def test_sharded_drfl_step_equals_single_device(tmp_path):
 
 
 # ----------------------------------------------- teacher -> train, shared by the tests below
-# `dfm`: SR stream + Fusion Module (the attention variants train in the tests above).
+# tests/test_cli.py's tiny `pipeline_drfl` run (teacher -> drfl -> table), trained once on
+# the worker of the xdist group.
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory):
-  config = pipeline_cfg.get_config("size=tiny,data=phantoms,variant=dfm")
-  with config.unlocked():
-    for s in ("teacher", "dfm"):
-      config[s].data.num_examples = 16
-      config[s].train.progress = False
-  workdir = tmp_path_factory.mktemp("drfl_pipeline")
-  pipeline.run_pipeline(config, workdir)
-  return config, workdir
+def pipeline_run(tiny_run):
+  return tiny_config("pipeline_drfl"), tiny_run("pipeline_drfl")
 
 
+@pytest.mark.xdist_group("pipeline_drfl")
 def test_teacher_caches_2x_targets_and_a_rerun_reuses_them(pipeline_run):
   config, workdir = pipeline_run
   cache = workdir / "teacher" / common.CACHE_NAME
   size = config.teacher.data.image_size
-  stage_cfg = pipeline.resolve_stage_refs(config.dfm, workdir, ["teacher"])
+  stage_cfg = pipeline.resolve_stage_refs(config.drfl, workdir, ["teacher"])
   stage = methods.load_method(stage_cfg)
-  stage.workdir = workdir / "dfm"
+  stage.workdir = workdir / "drfl"
   source = stage.make_source("train")
   with np.load(cache) as f:
     assert f["sr"].shape == (len(source), 2 * size, 2 * size, 1)
@@ -150,26 +144,28 @@ def test_teacher_caches_2x_targets_and_a_rerun_reuses_them(pipeline_run):
   assert cache.stat().st_mtime_ns == stamp
   # The train stage reads the cache (no copy in its own workdir), aligned with the images.
   assert source[0]["sr"].shape == (2 * size, 2 * size, 1)
-  assert not (workdir / "dfm" / common.CACHE_NAME).exists()
-  train = [json.loads(l) for l in (workdir / "dfm" / "metrics.jsonl").read_text().splitlines()]
-  assert _terms("dfm") <= set(train[0])
+  assert not (workdir / "drfl" / common.CACHE_NAME).exists()
+  train = [json.loads(l) for l in (workdir / "drfl" / "metrics.jsonl").read_text().splitlines()]
+  assert _terms("drfl") <= set(train[0])
   report = (workdir / "teacher" / "report.md").read_text()
   assert "teacher_sr.png" in report
   table = json.loads((workdir / "table" / "done.json").read_text())
-  assert {"dfm/dice", "dfm/pixel_accuracy", "dfm/gflops"} <= set(table)
-  assert table["dfm/gflops"] > 0
+  assert {"drfl/dice", "drfl/pixel_accuracy", "drfl/gflops"} <= set(table)
+  assert table["drfl/gflops"] > 0
 
 
+@pytest.mark.xdist_group("pipeline_drfl")
 def test_load_predict_returns_masks_at_the_input_size(pipeline_run):
   _, workdir = pipeline_run
-  model = medrep_jax.load(workdir / "dfm")
+  model = medrep_jax.load(workdir / "drfl")
   images = np.random.default_rng(0).random((3, 40, 48, 1)).astype(np.float32)
   masks = model.predict(images)
   assert masks.shape == (3, 40, 48) and masks.dtype == np.uint8
-  report = (workdir / "dfm" / "report.md").read_text()
+  report = (workdir / "drfl" / "report.md").read_text()
   assert "segmentation_overlays.png" in report and "sr_stream.png" in report
 
 
+@pytest.mark.xdist_group("pipeline_drfl")
 def test_predict_command_writes_fusion_masks_and_overlays(pipeline_run, tmp_path):
   """`python -m medrep_jax.predict` on a DRFL run writes the p_fusion masks and overlays."""
   _, workdir = pipeline_run
@@ -178,9 +174,9 @@ def test_predict_command_writes_fusion_masks_and_overlays(pipeline_run, tmp_path
   for i, image in enumerate(raw):
     Image.fromarray(image).save(tmp_path / "in" / f"ct_{i}.png")
   out = tmp_path / "out"
-  assert predict.main(["--workdir", str(workdir / "dfm"), "--input", str(tmp_path / "in"),
+  assert predict.main(["--workdir", str(workdir / "drfl"), "--input", str(tmp_path / "in"),
                        "--output", str(out)]) == 0
-  model = medrep_jax.load(workdir / "dfm")
+  model = medrep_jax.load(workdir / "drfl")
   want = model.predict(tmp_path / "in")
   scale = 255 if len(model.classes) <= 2 else 1  # binary: 0/255; more classes: the ids
   for i in range(3):
