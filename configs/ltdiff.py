@@ -73,13 +73,19 @@ def data_config(data: str = "covid_ct", size: str = "paper") -> mlc.ConfigDict:
   return c
 
 
+def _stage_config(stage: str, size: str, data: str, seed: int) -> mlc.ConfigDict:
+  """The base config of one stage: its name, seed and the kernel-pair data fields."""
+  c = config_lib.base_config("ltdiff")
+  c.stage = stage
+  c.seed = seed
+  c.data = data_config(data, size)
+  return c
+
+
 def ae_config(*, size: str = "paper", data: str = "covid_ct", seed: int = 0) -> mlc.ConfigDict:
   """Phase 1: the UNet++ reconstructs every slice of both kernels (Sec. III-A, III-C)."""
   s = SIZES[size]
-  c = config_lib.base_config("ltdiff")
-  c.stage = "ae"
-  c.seed = seed
-  c.data = data_config(data, size)
+  c = _stage_config("ae", size, data, seed)
   c.model = mlc.ConfigDict(dict(
       widths=s["widths"], norm="batch", deep_supervision=True,
       latent_channels=s["latent_channels"],  # 0: the bottleneck X_(d-1,0) itself
@@ -112,10 +118,7 @@ DENOISERS = {
 def latent_ddpm_config(*, size: str = "paper", data: str = "covid_ct",
                        seed: int = 0) -> mlc.ConfigDict:
   """Phase 2: ε-model on Z_B conditioned on Z_A (concatenation), ae frozen (Sec. III-B/C)."""
-  c = config_lib.base_config("ltdiff")
-  c.stage = "latent_ddpm"
-  c.seed = seed
-  c.data = data_config(data, size)
+  c = _stage_config("latent_ddpm", size, data, seed)
   c.ae_from = ""  # a finished ae run; "stage:ae" in the pipeline
   c.model = mlc.ConfigDict(DENOISERS[size])
   # Not stated in the paper: DDPM's T and linear schedule.
@@ -140,10 +143,7 @@ def latent_ddpm_config(*, size: str = "paper", data: str = "covid_ct",
 def translate_config(*, size: str = "paper", data: str = "covid_ct",
                      seed: int = 0) -> mlc.ConfigDict:
   """A -> A': Z_A noised to t*, reverse chain conditioned on Z_A, decoded (SDEdit reading)."""
-  c = config_lib.base_config("ltdiff")
-  c.stage = "translate"
-  c.seed = seed
-  c.data = data_config(data, size)
+  c = _stage_config("translate", size, data, seed)
   c.ae_from = ""  # "" = the ae run the latent_ddpm run was trained on
   c.ddpm_from = ""  # a finished latent_ddpm run; "stage:latent_ddpm" in the pipeline
   # t_star in [1, T]; sampler ddpm (every step from t*) | ddim (`steps`, `eta`).

@@ -40,7 +40,7 @@ from typing import Sequence
 import numpy as np
 
 from medrep_jax import errors
-from medrep_jax.core import workdir
+from medrep_jax.fileio import atomic_file
 from medrep_jax.data import formats, kernel_pairs
 from medrep_jax.data.sources import DataError
 from medrep_jax.eval import concordance, figures
@@ -72,7 +72,7 @@ def pair_folders(folders: dict[str, str], skip_unpaired: bool = False
 
 
 def _write(path: pathlib.Path, data: str | bytes) -> None:
-  with workdir.atomic_file(path) as f:
+  with atomic_file(path) as f:
     f.write(data.encode() if isinstance(data, str) else data)
 
 

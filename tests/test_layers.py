@@ -13,7 +13,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "medrep_jax"
 
 # Low to high. A module may import its own layer and the layers below it.
 LAYERS = (
-    ("xla_flags", "config_lib", "errors", "quiet"),
+    ("xla_flags", "config_lib", "errors", "quiet", "fileio"),
     ("core", "data", "diffusion", "models"),
     ("losses",),
     ("eval",),

@@ -39,16 +39,7 @@ def drfl_setup(opts: Options) -> tuple[Any, dict[str, np.ndarray]]:
   s = opts.size(DRFL)
   drfl = config_lib.config_module("drfl", config_lib.CONFIG_DIR)
   c = drfl.drfl_config(variant="drfl", size=s["size"], recipe="paper", sr_target="bicubic")
-  c.data.image_size, c.data.channels = s["image"], 1
-  c.train.update(batch_size=s["batch"], eval_batch_size=s["batch"], num_epochs=0.0,
-                 num_steps=1000, progress=False)
-  c.dtype = opts.compute_dtype
-  rng = np.random.default_rng(opts.seed)
-  b, px = s["batch"], s["image"]
-  batch = {"image": rng.random((b, px, px, 1), np.float32),
-           "mask": (rng.random((b, px, px)) > 0.5).astype(np.uint8),
-           "index": np.arange(b, dtype=np.int32)}
-  return c, batch
+  return c, segmentation.seg_batch(c, opts, s, channels=1)
 
 
 def drfl_analytic(method: Any, state: Any, batch: Mapping[str, jax.Array]

@@ -46,16 +46,22 @@ def seg_setup(opts: Options) -> tuple[Any, dict[str, np.ndarray]]:
   c = finetune.finetune_config(task="segmentation", data="phantoms",
                                size="tiny" if s["tiny"] else "paper", encoder=s["encoder"])
   c.model.small_input = s["tiny"]
-  c.data.image_size, c.data.channels = s["image"], 3
-  c.train.update(batch_size=s["batch"], eval_batch_size=s["batch"], num_steps=1000,
-                 progress=False)
+  return c, seg_batch(c, opts, s, channels=3)
+
+
+def seg_batch(c: Any, opts: Options, s: Mapping[str, Any], channels: int
+              ) -> dict[str, np.ndarray]:
+  """Sets `c`'s size, batch and dtype for a timed step (1000 steps, no epochs) and returns
+  a loader-shaped batch: images in [0, 1] and random binary masks."""
+  c.data.image_size, c.data.channels = s["image"], channels
+  c.train.update(batch_size=s["batch"], eval_batch_size=s["batch"], num_epochs=0.0,
+                 num_steps=1000, progress=False)
   c.dtype = opts.compute_dtype
   rng = np.random.default_rng(opts.seed)
   b, px = s["batch"], s["image"]
-  batch = {"image": rng.random((b, px, px, 3), np.float32),
-           "mask": (rng.random((b, px, px)) > 0.5).astype(np.uint8),
-           "index": np.arange(b, dtype=np.int32)}
-  return c, batch
+  return {"image": rng.random((b, px, px, channels), np.float32),
+          "mask": (rng.random((b, px, px)) > 0.5).astype(np.uint8),
+          "index": np.arange(b, dtype=np.int32)}
 
 
 def run_seg(opts: Options) -> list[dict[str, Any]]:

@@ -24,6 +24,7 @@ import uuid
 from typing import Any, Callable, Iterator, Mapping
 
 from medrep_jax import errors
+from medrep_jax.fileio import atomic_file
 
 LOCK_NAME = ".lock"
 HISTORY_NAME = "config_history.jsonl"
@@ -42,27 +43,6 @@ def _now() -> str:
 
 
 # ------------------------------------------------------------------------------- files
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike, *, fsync: bool = False) -> Iterator[Any]:
-  """A binary file opened beside `path`, renamed onto it when the block ends without error.
-
-  An error or a killed writer leaves the old `path` (or none) and no partial file. `fsync`
-  flushes the data to disk before the rename (large caches).
-  """
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-  try:
-    with open(tmp, "wb") as f:
-      yield f
-      if fsync:
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    tmp.unlink(missing_ok=True)
 
 
 def write_json(path: pathlib.Path, obj: Any) -> None:

@@ -31,7 +31,7 @@ import zlib
 
 import numpy as np
 
-from medrep_jax.core import workdir
+from medrep_jax.fileio import atomic_file
 from medrep_jax.data import ct_kernels, dicom, dicom_io, formats, imageio, splits
 from medrep_jax.data.sources import DataError, Record, Source, SourceInfo, check_split
 
@@ -98,7 +98,7 @@ def slice_files(base: pathlib.Path) -> dict[str, pathlib.Path]:
 
 
 def _save_atomic(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
-  with workdir.atomic_file(path, fsync=True) as f:
+  with atomic_file(path, fsync=True) as f:
     np.savez(f, **arrays)
 
 
