@@ -26,8 +26,16 @@ stated, so choices here: T = 1000 with DDPM's linear β schedule, the denoiser
 latent normalization (per-channel shift, 1/std scale), t* = 500 (the paper's σ² of
 Z~_A = Z_A + η) and the sampler (DDPM ancestral, every step from t*).
 
+Baselines (Table I): `stage=direct` (UNet++ trained A -> B, L1; writes its translated
+slices at the end), `stage=latent_ddpm,space=pixel` (the same conditional DDPM on the
+images, translated by `stage=translate` like the latent one), and identity (A itself).
+`stage=evaluate` (Sec. IV-B) reads the runs in `compare.ltdiff`, `compare.unetpp_direct`
+and `compare.pixel_ddpm` and writes the CCC table per feature class.
+
 Variant args:
-  stage=ae|latent_ddpm|translate  (phase 1; phase 2; A -> A'. joint and evaluate come next)
+  stage=ae|direct|latent_ddpm|translate|evaluate  (phase 1; the UNet++ A -> B baseline;
+        phase 2; A -> A'; radiomic concordance)
+  space=latent|pixel  (latent_ddpm only: pixel = the pixel_ddpm baseline)
   size=paper|small|tiny  (small: 128 px, a 4-level UNet++ at widths 16-128, latents
         16x16x4, a real-data run for a CPU; tiny: 32 px, widths 4-8-16, 2 steps, tests)
   data=covid_ct|phantoms  (covid_ct: the COVID-19-NY-SBU DICOMs, $MEDREP_DATA_DIR/
@@ -40,9 +48,10 @@ import ml_collections as mlc
 from medrep_jax import config_lib
 from medrep_jax.data import registry
 
-STAGES = ("ae", "latent_ddpm", "translate")
-DEFAULTS = dict(stage="ae", size="paper", data="covid_ct", seed=0)
-CHOICES = dict(stage=STAGES, size=("paper", "small", "tiny"), data=("covid_ct", "phantoms"))
+STAGES = ("ae", "direct", "latent_ddpm", "translate", "evaluate")
+DEFAULTS = dict(stage="ae", size="paper", data="covid_ct", space="latent", seed=0)
+CHOICES = dict(stage=STAGES, size=("paper", "small", "tiny"), data=("covid_ct", "phantoms"),
+               space=("latent", "pixel"))
 
 SIZES = {
     "paper": dict(image_size=256, widths=(32, 64, 128, 256, 512), latent_channels=4),
@@ -82,45 +91,77 @@ def _stage_config(stage: str, size: str, data: str, seed: int) -> mlc.ConfigDict
   return c
 
 
-def ae_config(*, size: str = "paper", data: str = "covid_ct", seed: int = 0) -> mlc.ConfigDict:
-  """Phase 1: the UNet++ reconstructs every slice of both kernels (Sec. III-A, III-C)."""
+def ae_config(*, size: str = "paper", data: str = "covid_ct", seed: int = 0,
+              stage: str = "ae") -> mlc.ConfigDict:
+  """Phase 1: the UNet++ reconstructs every slice of both kernels (Sec. III-A, III-C).
+
+  `stage="direct"`: the `unetpp_direct` baseline, the same network, loss and schedule
+  trained A -> B on the pairs (half the examples of `ae`: one per pair, not two)."""
   s = SIZES[size]
-  c = _stage_config("ae", size, data, seed)
+  c = _stage_config(stage, size, data, seed)
   c.model = mlc.ConfigDict(dict(
       widths=s["widths"], norm="batch", deep_supervision=True,
       latent_channels=s["latent_channels"],  # 0: the bottleneck X_(d-1,0) itself
       skip_mode="source",  # "none": decode from the latent alone (the skip ablation)
       upsample="bilinear"))
   # Sec. III-A3: L = sum_j w_j l(head_j); l1 | l2 per head, () = equal weights 1/n.
-  c.loss = mlc.ConfigDict(dict(kind="l1", head_weights=()))
+  # kind="bce_dice" (the printed mask loss; heads become logits, images their sigmoid)
+  # needs allow_bce_dice=True: it is UNet++'s segmentation loss, not a CT reconstruction loss.
+  c.loss = mlc.ConfigDict(dict(kind="l1", head_weights=(), allow_bce_dice=False))
   c.eval = mlc.ConfigDict(dict(figure_slices=6))  # slices in the report's figure
+  if stage == "direct":  # > 0: translate that many eval pairs at the end (spread as
+    c.eval.translate_slices = 0  # translate.max_slices spreads them), 0 = all
   c.optim.update(dict(name="adam", lr=1e-4, weight_decay=0.0, schedule="constant"))
   c.train.update(dict(batch_size=16, num_epochs=400.0, eval_every=0, log_every=20,
                       checkpoint_every=1000, eval_batch_size=16))
   if size == "small":
-    # ~100 slices (both kernels) of covid_ct at 128 px: 1500 steps ≈ 240 epochs.
-    c.train.update(dict(num_epochs=0.0, num_steps=1500, eval_every=500,
+    # 62 train pairs of covid_ct (124 slices of both kernels) at 128 px: 1000 steps of
+    # batch 8 ≈ 65 epochs, ~25 min on 2 CPU cores.
+    c.train.update(dict(num_epochs=0.0, num_steps=1000, batch_size=8, eval_every=500,
                         checkpoint_every=500, log_every=25))
   elif size == "tiny":
     config_lib.set_tiny_train(c)
     c.eval.figure_slices = 4
+    if stage == "direct":
+      c.eval.translate_slices = 8  # as translate.max_slices
   return c
 
 
-# The latent denoiser (DiffusionUNet presets + overrides; 0 / () keep the preset's value).
+def direct_config(*, size: str = "paper", data: str = "covid_ct",
+                  seed: int = 0) -> mlc.ConfigDict:
+  """The `unetpp_direct` baseline of Table I: UNet++ trained A -> B with L1 per head."""
+  return ae_config(size=size, data=data, seed=seed, stage="direct")
+
+
+# The denoiser (DiffusionUNet presets + overrides; 0 / () keep the preset's value), on
+# latents (16x16x4 at paper and small sizes) and, for the pixel_ddpm baseline, on images.
+_KEEP = dict(channel_mult=(), num_res_blocks=0, attention_resolutions=())
 DENOISERS = {
-    "paper": dict(size="small", base_width=128, channel_mult=(), num_res_blocks=0),
-    "small": dict(size="small", base_width=64, channel_mult=(), num_res_blocks=0),
-    "tiny": dict(size="tiny", base_width=8, channel_mult=(1, 2), num_res_blocks=1),
+    "latent": {
+        "paper": dict(_KEEP, size="small", base_width=128),
+        "small": dict(_KEEP, size="small", base_width=64),
+        "tiny": dict(_KEEP, size="tiny", base_width=8, channel_mult=(1, 2),
+                     num_res_blocks=1)},
+    "pixel": {  # 256 / 128 / 32 px images: deeper, attention only at 16x16 / 8x8
+        "paper": dict(_KEEP, size="small", base_width=64, channel_mult=(1, 1, 2, 2, 4),
+                      attention_resolutions=(16,)),
+        "small": dict(_KEEP, size="small", base_width=32, channel_mult=(1, 2, 2, 2),
+                      num_res_blocks=1, attention_resolutions=(8,)),
+        "tiny": dict(_KEEP, size="tiny", base_width=8, channel_mult=(1, 2),
+                     num_res_blocks=1)},
 }
 
 
-def latent_ddpm_config(*, size: str = "paper", data: str = "covid_ct",
-                       seed: int = 0) -> mlc.ConfigDict:
-  """Phase 2: ε-model on Z_B conditioned on Z_A (concatenation), ae frozen (Sec. III-B/C)."""
+def latent_ddpm_config(*, size: str = "paper", data: str = "covid_ct", seed: int = 0,
+                       space: str = "latent") -> mlc.ConfigDict:
+  """Phase 2: ε-model on Z_B conditioned on Z_A (concatenation), ae frozen (Sec. III-B/C).
+
+  `space="pixel"`: the `pixel_ddpm` baseline, the same conditional DDPM on the images
+  (B given A), no autoencoder (`ae_from` is not read)."""
   c = _stage_config("latent_ddpm", size, data, seed)
+  c.space = space
   c.ae_from = ""  # a finished ae run; "stage:ae" in the pipeline
-  c.model = mlc.ConfigDict(DENOISERS[size])
+  c.model = mlc.ConfigDict(DENOISERS[space][size])
   # Not stated in the paper: DDPM's T and linear schedule.
   c.diffusion = mlc.ConfigDict(dict(schedule="linear", num_timesteps=1000,
                                     parameterization="eps"))
@@ -159,11 +200,32 @@ def translate_config(*, size: str = "paper", data: str = "covid_ct",
   return c
 
 
+def evaluate_config(*, size: str = "paper", data: str = "covid_ct",
+                    seed: int = 0) -> mlc.ConfigDict:
+  """Sec. IV-B: Lin's CCC per radiomic feature class of each translator's A' against B."""
+  c = _stage_config("evaluate", size, data, seed)
+  # Table I's rows: a finished translate (ltdiff, pixel_ddpm) or direct run each; "" = none.
+  c.compare = mlc.ConfigDict(dict(ltdiff="", unetpp_direct="", pixel_ddpm=""))
+  c.evaluate = mlc.ConfigDict(dict(
+      windows=("lung", "soft", "soft_narrow", "bone", "whole"),  # Sec. IV-B + whole slice
+      roi_size=24, rois_per_image=20, min_fraction=0.5,
+      bins=32, bin_width=0.0,  # fixed bin number over each window (bin_width > 0: HU bins)
+      seed=seed))
+  if size == "tiny":
+    config_lib.set_tiny_train(c)  # trains nothing; keeps the tiny contract
+    c.evaluate.update(dict(roi_size=8, rois_per_image=4, bins=8))
+  return c
+
+
 def ltdiff_config(*, stage: str = "ae", size: str = "paper", data: str = "covid_ct",
-                  seed: int = 0) -> mlc.ConfigDict:
-  """A complete, unlocked config of one stage."""
-  builders = {"ae": ae_config, "latent_ddpm": latent_ddpm_config,
-              "translate": translate_config}
+                  space: str = "latent", seed: int = 0) -> mlc.ConfigDict:
+  """A complete, unlocked config of one stage (`space` is the latent_ddpm stage's)."""
+  if stage == "latent_ddpm":
+    return latent_ddpm_config(size=size, data=data, seed=seed, space=space)
+  if space != "latent":
+    raise config_lib.ConfigError(f"space={space!r} is a variant of stage=latent_ddpm only")
+  builders = {"ae": ae_config, "direct": direct_config, "translate": translate_config,
+              "evaluate": evaluate_config}
   return builders[stage](size=size, data=data, seed=seed)
 
 

@@ -64,7 +64,7 @@ def test_bad_variant_args(arg, match):
 
 
 @pytest.mark.parametrize("key,value,error,match", [
-    ("loss.kind", "bce_dice", config_lib.ConfigError, "mask loss"),
+    ("loss.kind", "bce_dice", config_lib.ConfigError, "mask loss.*allow_bce_dice=True"),
     ("loss.kind", "l3", config_lib.ConfigError, r"expected one of \('l1', 'l2'\)"),
     ("loss.head_weights", (1.0, 1.0, 1.0), config_lib.ConfigError, "need 2 non-negative"),
     ("loss.head_weights", (0.0, 0.0), config_lib.ConfigError, "not all"),
@@ -193,6 +193,34 @@ def test_ae_fits_a_batch_and_bf16_keeps_fp32_state(tmp_path):
   for leaf in jax.tree.leaves((s16.params, s16.opt_state, s16.model_state)):
     if jnp.issubdtype(leaf.dtype, jnp.floating):
       assert leaf.dtype == jnp.float32
+
+
+def test_printed_bce_dice_behind_its_switch_trains_logit_heads(tmp_path):
+  c = _tiny(**{"loss.kind": "bce_dice", "loss.allow_bce_dice": True, "optim.lr": 1e-2})
+  stage = methods.load_method(c)
+  heads = [jnp.full((2, 32, 32, 1), v) for v in (-3.0, 0.0)]
+  assert common.printed_loss(c)
+  np.testing.assert_allclose(common.to_image(c, heads[0]), jax.nn.sigmoid(-3.0), rtol=1e-6)
+  assert stage.head_weights is None
+  _, losses = _train(c, tmp_path, steps=6)
+  assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+  l1 = _tiny()
+  np.testing.assert_array_equal(common.to_image(l1, heads[0]), 0.0)  # l1: clipped
+
+
+def test_direct_stage_regresses_b_from_a():
+  pairs = data_lib.PhantomPairs("train", image_size=32, num_examples=2, seed=0,
+                                sim=Simulation(num_views=45, i0=5e4), window_hu=(0.0, 2000.0))
+  direct = data_lib.AToB(pairs)
+  assert len(direct) == 2
+  r, p = direct[1], pairs[1]
+  np.testing.assert_array_equal(r["image"], p["image_a"])
+  np.testing.assert_array_equal(r["target"], p["image_b"])
+  c = ltdiff_cfg.get_config("stage=direct,size=tiny,data=phantoms")
+  stage = methods.load_method(c)
+  batch = {"image": jnp.zeros((1, 32, 32, 1)), "target": jnp.ones((1, 32, 32, 1))}
+  assert stage.target(batch) is batch["target"]
+  assert (c.loss.kind, c.optim.lr) == ("l1", 1e-3)
 
 
 # ------------------------------------------------------------------------------ a run

@@ -10,6 +10,7 @@ import pytest
 
 from medrep_jax import config_lib, diffusion, methods
 from medrep_jax.core import mesh as mesh_lib
+from medrep_jax.data.sources import DataError
 from medrep_jax.methods.ltdiff_parts import latent_ddpm, translate
 
 from conftest import config_module, one_step
@@ -78,7 +79,16 @@ def test_configs_and_bad_fields():
     assert 1 <= t.translate.t_star <= ltdiff_cfg.get_config(
         f"stage=latent_ddpm,size={size}").diffusion.num_timesteps
   pipe = config_module("pipeline_ltdiff").get_config("size=tiny,data=phantoms")
-  assert pipe.stages == ("ae", "latent_ddpm", "translate")
+  assert pipe.stages == ("ae", "latent_ddpm", "translate", "direct", "evaluate")
+  assert (pipe.evaluate.compare.ltdiff, pipe.evaluate.compare.unetpp_direct,
+          pipe.evaluate.compare.pixel_ddpm) == ("stage:translate", "stage:direct", "")
+  pix = config_module("pipeline_ltdiff").get_config("size=tiny,pixel=True")
+  assert pix.stages[-3:] == ("pixel_ddpm", "translate_pixel", "evaluate")
+  assert (pix.pixel_ddpm.space, pix.translate_pixel.ddpm_from,
+          pix.evaluate.compare.pixel_ddpm) == ("pixel", "stage:pixel_ddpm",
+                                               "stage:translate_pixel")
+  with pytest.raises(config_lib.ConfigError, match="space='pixel' is a variant of stage=lat"):
+    ltdiff_cfg.get_config("stage=ae,space=pixel")
   assert (pipe.latent_ddpm.ae_from, pipe.translate.ddpm_from) == ("stage:ae",
                                                                   "stage:latent_ddpm")
   c = ltdiff_cfg.latent_ddpm_config(size="tiny", data="phantoms")
@@ -88,6 +98,24 @@ def test_configs_and_bad_fields():
   c = ltdiff_cfg.latent_ddpm_config(size="tiny", data="phantoms")
   with pytest.raises(config_lib.ConfigError, match="ae_from is empty"):
     methods.load_method(c).model  # pylint: disable=expression-not-assigned
+
+
+def test_pixel_ddpm_models_the_images_without_an_autoencoder():
+  c = ltdiff_cfg.latent_ddpm_config(size="tiny", data="phantoms", space="pixel")
+  stage = methods.load_method(c)
+  assert isinstance(stage.ae, latent_ddpm.PixelSpace)  # ae_from is not read
+  assert stage.info.channels == 1 and stage.model.concat_channels == 1
+  x = jnp.linspace(-0.5, 1.5, 32 * 32).reshape(1, 32, 32, 1)
+  z, skips = stage.ae.encode(stage.ae.variables, x)
+  np.testing.assert_array_equal(z, x)
+  assert skips == () and float(stage.ae.decode({}, z, skips).max()) == 1.0
+  other = ltdiff_cfg.latent_ddpm_config(size="tiny", data="phantoms")
+  other.data.image_size = 64
+  with pytest.raises(config_lib.ConfigError, match=r"\(64, \(0.0, 2000.0\)\) differs"):
+    stage.ae.check_data(other.data)
+  c.space = "voxel"
+  with pytest.raises(config_lib.ConfigError, match="space='voxel'"):
+    methods.load_method(c)
 
 
 # ------------------------------------------------------------------------------ runs
@@ -117,7 +145,7 @@ def test_sharded_step_equals_single_device(pipeline_dir, tmp_path):
 @pytest.mark.xdist_group("pipeline_ltdiff")  # shares test_cli's tiny_run
 def test_pipeline_runs_end_to_end(pipeline_dir):
   ddpm_dir, tr_dir = pipeline_dir / "latent_ddpm", pipeline_dir / "translate"
-  for stage in ("ae", "latent_ddpm", "translate"):
+  for stage in ("ae", "latent_ddpm", "translate", "direct", "evaluate"):
     assert (pipeline_dir / stage / "done.json").exists(), stage
   rows = [json.loads(line) for line in (ddpm_dir / "metrics.jsonl").read_text().splitlines()]
   final = [r for r in rows if r["split"] == "eval"][-1]
@@ -161,3 +189,41 @@ def test_translate_ddpm_sampler_and_bad_t_star(pipeline_dir, tmp_path):
   c.translate.t_star = 51  # T = 50
   with pytest.raises(config_lib.ConfigError, match=r"translate.t_star=51.*\[1, 50\]"):
     methods.load_method(c, tmp_path / "bad", mesh).run()
+
+
+@pytest.mark.xdist_group("pipeline_ltdiff")  # shares test_cli's tiny_run
+def test_direct_and_evaluate_stages_write_table_one(pipeline_dir):
+  direct = pipeline_dir / "direct" / "translated"
+  assert len(list((direct / "A_prime").glob("*.npy"))) == 8  # eval.translate_slices
+  ev = pipeline_dir / "evaluate"
+  report = (ev / "report.md").read_text()
+  for row in ("| baseline (A) |", "| UNet++ direct |", "| LTDiff++ |"):
+    assert row in report, row
+  assert "the 8 slices all of them hold" in report  # the same 8 of the 32 in both runs
+  assert (ev / "ccc" / "ccc_bars.png").stat().st_size > 1000
+  assert (ev / "figures" / "windows.png").stat().st_size > 1000
+  last = json.loads((ev / "metrics.jsonl").read_text().splitlines()[-1])
+  for row in ("identity", "unetpp_direct", "ltdiff"):
+    for cls in ("GLCM", "ID"):
+      key = next(k for k in last if k.endswith(f"ccc/{row}/{cls}"))
+      assert -1.0 <= last[key] <= 1.0, (key, last[key])
+  csv_head = (ev / "ccc" / "ccc.csv").read_text().splitlines()[0]
+  assert csv_head == "window,feature,class,n_rois,identity,unetpp_direct,ltdiff"
+
+
+def test_evaluate_refuses_missing_or_mismatched_runs(tmp_path):
+  c = ltdiff_cfg.ltdiff_config(stage="evaluate", size="tiny", data="phantoms")
+  mesh = mesh_lib.make_mesh(c.mesh, jax.devices()[:1])
+  run = lambda: methods.load_method(c, tmp_path / "ev", mesh).run()
+  with pytest.raises(config_lib.ConfigError, match="compare lists no run"):
+    run()
+  c.compare.ltdiff = str(tmp_path / "nowhere")
+  with pytest.raises(DataError, match=r"compare.ltdiff=.*nowhere.*lacks \['A', 'A_prime', 'B'\]"):
+    run()
+  for name, value in (("one", 0.0), ("two", 5.0)):
+    for key in translate.FOLDERS:
+      (tmp_path / name / "translated" / key).mkdir(parents=True)
+      np.save(tmp_path / name / "translated" / key / "s0.npy", np.full((8, 8), value))
+  c.compare.update(dict(ltdiff=str(tmp_path / "one"), unetpp_direct=str(tmp_path / "two")))
+  with pytest.raises(DataError, match="B/s0.npy differs between compare.unetpp_direct"):
+    run()

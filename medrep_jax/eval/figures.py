@@ -26,12 +26,14 @@ def _save(fig: Figure, path: str | os.PathLike, dpi: int) -> str:
   return path
 
 
-def to_display(image: np.ndarray) -> np.ndarray:
-  """Min-max normalizes one image to [0, 1]; (H, W, 1) -> (H, W); >3 channels keep the first 3."""
+def to_display(image: np.ndarray, value_range: tuple[float, float] | None = None
+               ) -> np.ndarray:
+  """One image scaled to [0, 1]: min-max, or (x - lo) / (hi - lo) clipped for
+  `value_range` (lo, hi), e.g. an HU window; (H, W, 1) -> (H, W); >3 channels keep 3."""
   x = np.asarray(image, np.float64)
   if x.ndim == 3:
     x = x[..., 0] if x.shape[-1] in (1, 2) else x[..., :3]
-  lo, hi = np.nanmin(x), np.nanmax(x)
+  lo, hi = value_range if value_range is not None else (np.nanmin(x), np.nanmax(x))
   return np.clip((x - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(x)
 
 
@@ -125,11 +127,12 @@ def confusion_matrix_figure(cm: np.ndarray, class_names: Sequence[str],
 
 
 def image_grid(images: np.ndarray, path: str | os.PathLike, nrow: int = 8,
-               titles: Sequence[str] | None = None, dpi: int = 100) -> str:
+               titles: Sequence[str] | None = None, dpi: int = 100,
+               value_ranges: Sequence[tuple[float, float] | None] | None = None) -> str:
   """Grid of images with ``nrow`` images per row (torchvision's convention).
 
-  ``images`` is (N, H, W, C) or (N, H, W), any range; each is min-max
-  normalized for display.
+  ``images`` is (N, H, W, C) or (N, H, W), any range; each is min-max normalized for
+  display, or scaled by its (lo, hi) in ``value_ranges`` (one per image; None: min-max).
   """
   n = len(images)
   cols = max(1, min(nrow, n))
@@ -139,7 +142,7 @@ def image_grid(images: np.ndarray, path: str | os.PathLike, nrow: int = 8,
   for idx, ax in enumerate(axes.ravel()):
     ax.axis("off")
     if idx < n:
-      img = to_display(images[idx])
+      img = to_display(images[idx], None if value_ranges is None else value_ranges[idx])
       ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
       if titles is not None:
         ax.set_title(str(titles[idx]), fontsize=7)

@@ -10,8 +10,11 @@ Stages (`config.stage`), in the paper's phases (Sec. III-C):
   - `translate` (`ltdiff_parts.translate`): Z_A noised to t* (SDEdit-style, the paper's
     Z~_A = Z_A + η), the reverse chain conditioned on Z_A (DDPM or DDIM), A' = D(Z_A');
     writes translated/{A,A_prime,B}/*.npy HU slices for `python -m medrep_jax.radiomics`;
-and, to come: `joint` (phase 3: ||Z_A' - Z_B||^2 + λ||D(Z_A') - B||^2) and `evaluate`
-(Lin's CCC per radiomic feature class within HU windows, Sec. IV-B).
+  - `direct` (`ltdiff_parts.direct`): the `unetpp_direct` baseline, the UNet++ trained
+    A -> B; writes translated/ like `translate`;
+  - `latent_ddpm` with `space="pixel"`: the `pixel_ddpm` baseline, the same DDPM on images;
+  - `evaluate` (`ltdiff_parts.evaluate`, Sec. IV-B): Lin's CCC per radiomic feature class
+    of every translator's A' against B, in the paper's HU windows (Table I).
 
 Data (`ltdiff_parts.data`): (A, B) kernel pairs from `config.data` (simulated by FBP from
 real DICOM CT and cached, real kernel folders, or procedural phantoms), HU windowed to
@@ -20,5 +23,7 @@ real DICOM CT and cached, real kernel folders, or procedural phantoms), HU windo
 from __future__ import annotations
 
 STAGES = {"ae": "ltdiff_parts.ae:AEStage",
+          "direct": "ltdiff_parts.direct:DirectStage",
           "latent_ddpm": "ltdiff_parts.latent_ddpm:LatentDDPMStage",
-          "translate": "ltdiff_parts.translate:TranslateStage"}
+          "translate": "ltdiff_parts.translate:TranslateStage",
+          "evaluate": "ltdiff_parts.evaluate:EvaluateStage"}

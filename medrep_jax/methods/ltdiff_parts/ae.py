@@ -60,41 +60,52 @@ class AEStage(base.Method):
     return [transforms_lib.CheckShapes(int(self.config.data.image_size), common.CHANNELS)]
 
   # ---- the step
+  @staticmethod
+  def target(batch):
+    """What the heads reconstruct: the input itself (the `direct` stage: B)."""
+    return batch["image"]
+
   def loss_fn(self, params, state, batch, rng):
     del rng  # deterministic: no dropout, no augmentation
-    x = batch["image"]
-    heads, updates = self.model.apply({"params": params, **state.model_state}, x,
+    heads, updates = self.model.apply({"params": params, **state.model_state}, batch["image"],
                                       train=True, mutable=["batch_stats"])
-    loss, terms = unetpp_losses.deep_supervision_loss(heads, x, self.head_weights,
+    loss, terms = unetpp_losses.deep_supervision_loss(heads, self.target(batch),
+                                                      self.head_weights,
                                                       kind=self.config.loss.kind)
     return loss, {"metrics": terms, "updates": updates}
 
   def reconstruct(self, variables, images: jax.Array) -> jax.Array:
     """The deepest head's reconstruction in [0, 1] (inference mode)."""
     heads = self.model.apply(variables, images, train=False)
-    return jnp.clip(common.deepest(heads), 0.0, 1.0)
+    return common.to_image(self.config, common.deepest(heads))
 
   def eval_step(self, state, batch):
-    x = batch["image"]
-    heads = self.model.apply(state.variables(), x, train=False)
-    heads = heads if isinstance(heads, list) else [heads]
+    x = self.target(batch)
+    heads = self.model.apply(state.variables(), batch["image"], train=False)
+    heads = [common.to_image(self.config, h)
+             for h in (heads if isinstance(heads, list) else [heads])]
     per_example = lambda h: jnp.mean(jnp.abs(h - x), axis=(1, 2, 3))
     out = {f"l1_head{j}": per_example(h) for j, h in enumerate(heads, 1)}
-    rec = jnp.clip(heads[-1], 0.0, 1.0)
-    return {**out, "l1": per_example(rec), "psnr": psnr(x, rec), "kernel": batch["kernel"],
-            "index": batch["index"]}
+    rec = heads[-1]
+    return {**out, "l1": per_example(rec), "psnr": psnr(x, rec), "index": batch["index"],
+            **{k: batch[k] for k in ("kernel",) if k in batch}}
 
   # ---- host side
-  def evaluate(self, outputs, state, ctx):
+  def scores(self, outputs) -> dict:
+    """Mean L1, PSNR, L1 in HU, per head (and per kernel) of the gathered eval outputs."""
     _, width = data_lib.window(self.config.data)
     metrics = {"l1": float(np.mean(outputs["l1"])), "psnr": float(np.mean(outputs["psnr"])),
                "mae_hu": float(np.mean(outputs["l1"])) * width}
-    for k, name in enumerate(KERNEL_NAMES):
+    for k, name in enumerate(KERNEL_NAMES if "kernel" in outputs else ()):
       mine = outputs["kernel"] == k
       if mine.any():
         metrics[f"l1_{name.lower()}"] = float(np.mean(outputs["l1"][mine]))
     metrics.update({k: float(np.mean(v)) for k, v in outputs.items()
                     if k.startswith("l1_head")})
+    return metrics
+
+  def evaluate(self, outputs, state, ctx):
+    metrics = self.scores(outputs)
     if not ctx.final:
       return base.Result(metrics)
     figs = {"reconstructions (input | deepest head)": self._figure(state, ctx)}

@@ -6,6 +6,7 @@ later stages rebuild it from the `ae` run's saved config to encode Z_A / Z_B and
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from medrep_jax.config_lib import ConfigError
@@ -13,7 +14,7 @@ from medrep_jax.losses import unetpp as unetpp_losses
 from medrep_jax.models import unetpp
 
 CHANNELS = 1  # a CT slice; heads reconstruct it
-LOSS_KINDS = ("l1", "l2")  # per head; "bce_dice" is the printed mask loss (not for images)
+LOSS_KINDS = ("l1", "l2")  # per head; "bce_dice" (the printed mask loss) behind a switch
 
 
 def check_model(config) -> None:
@@ -46,9 +47,10 @@ def num_heads(config) -> int:
 def head_weights(config) -> tuple[float, ...] | None:
   """`loss.head_weights` checked against the heads (None: equal weights 1/n)."""
   kind = config.loss.kind
-  if kind not in LOSS_KINDS:
+  if kind not in LOSS_KINDS and not (kind == "bce_dice" and printed_loss(config)):
     hint = (" (bce_dice is UNet++'s mask loss, printed in Sec. III-A3; slices are "
-            "reconstructed with l1 or l2)" if kind in unetpp_losses.KINDS else "")
+            "reconstructed with l1 or l2; set loss.allow_bce_dice=True to train with it "
+            "anyway)" if kind in unetpp_losses.KINDS else "")
     raise ConfigError(f"loss.kind={kind!r}; expected one of {LOSS_KINDS}{hint}")
   weights = tuple(float(w) for w in config.loss.head_weights)
   if not weights:
@@ -58,6 +60,16 @@ def head_weights(config) -> tuple[float, ...] | None:
     raise ConfigError(f"loss.head_weights={weights}: need {n} non-negative weights, not all "
                       f"0, one per head X_(0,1..{n}) (or () for 1/{n} each)")
   return weights
+
+
+def printed_loss(config) -> bool:
+  """The printed BCE + Dice is switched on: heads are logits, images their sigmoid."""
+  return config.loss.kind == "bce_dice" and bool(config.loss.get("allow_bce_dice", False))
+
+
+def to_image(config, head):
+  """A head's output as an image in [0, 1]: clipped, or sigmoid(logits) for bce_dice."""
+  return jax.nn.sigmoid(head) if printed_loss(config) else jnp.clip(head, 0.0, 1.0)
 
 
 def build_unetpp(config) -> unetpp.UNetPlusPlus:

@@ -19,6 +19,7 @@
 Values (both kinds): HU clipped to the window `data.window_level` / `data.window_width`
 and scaled to [0, 1] (`KernelPairSource(output="unit")`); `to_hu` inverts it.
 
+`AToB` gives the `direct` stage (the UNet++ A -> B baseline) {"image": A, "target": B}.
 `BothKernels` turns a pair source into a slice source for the `ae` stage (phase 1 trains
 on all slices of both kernels, Sec. III-C): element 2k is image_a of pair k and 2k + 1 its
 image_b, records {"image", "kernel" (0 = A, 1 = B), "pair", "index"}.
@@ -159,3 +160,20 @@ class BothKernels(Source):
                       f"(keys {sorted(record)}); a kernel-pair source gives {PAIR_KEYS}")
     return {"image": np.asarray(record[PAIR_KEYS[kernel]], np.float32),
             "kernel": np.int32(kernel), "pair": np.int64(pair)}
+
+
+class AToB(Source):
+  """A pair source as supervised examples for the `direct` stage: {"image": A, "target": B}."""
+
+  def __init__(self, pairs: Source, info: SourceInfo | None = None):
+    self.pairs = pairs
+    self.info = info or pairs.info
+    self.groups = getattr(pairs, "groups", None)
+
+  def _num_elements(self) -> int:
+    return len(self.pairs)
+
+  def _load(self, index: int) -> Record:
+    record = self.pairs[index]
+    return {"image": np.asarray(record["image_a"], np.float32),
+            "target": np.asarray(record["image_b"], np.float32)}

@@ -49,46 +49,21 @@ from medrep_jax.methods.ltdiff_parts import data as data_lib
 from medrep_jax.models import diffusion_unet
 
 LATENT_KEYS = ("z_a", "z_b")
+SPACES = ("latent", "pixel")
 EVAL_SEED = 1234  # the fixed (t, ε) draws of the ε-MSE eval, folded with the example index
 
 
-class LoadedAE:
-  """A finished `ltdiff` stage-`ae` run: jitted E(x) -> (latent, skips) and D(latent, skips).
+class Codec:
+  """What the DDPM stages need of an encoder-decoder: `encode(variables, x) -> (z, skips)`,
+  `decode(variables, z, skips) -> image in [0, 1]`, `variables`, the latent's size and
+  channels, and `encode_pairs`."""
 
-  With the run's `model.skip_mode="source"` the decoder takes the encoder skips X_(i,0)
-  of the input it decodes for (in `translate`: A's), so texture of A can reach A' past the
-  latent; with "none" the skips are ignored and A' depends on the latent alone.
-  """
-
-  def __init__(self, run_dir):
-    if not run_dir:
-      raise ConfigError("ae_from is empty: point it at a finished `ltdiff` stage=ae run "
-                        "(in the pipeline: 'stage:ae')")
-    trained = methods.load_trained(run_dir, method="ltdiff", stage="ae")
-    self.run_dir = trained.run.path
-    self.config = trained.config
-    self.model = trained.model
-    self.variables = trained.variables
-    self.skip_mode = str(self.config.model.skip_mode)
-    self.image_size = int(self.config.data.image_size)
-    shape = jax.eval_shape(
-        lambda v, x: self.model.apply(v, x, train=False, method=self.model.encode)[0],
-        self.variables, jax.ShapeDtypeStruct((1, self.image_size, self.image_size,
-                                              common.CHANNELS), jnp.float32))
-    self.latent_size, self.latent_channels = int(shape.shape[1]), int(shape.shape[-1])
-    model = self.model
-    self.encode = jax.jit(lambda v, x: model.apply(v, x, train=False, method=model.encode))
-    self.decode = jax.jit(lambda v, z, skips: jnp.clip(common.deepest(model.apply(
-        v, z, skips, train=False, method=model.decode)), 0.0, 1.0))
-
-  def check_data(self, data) -> None:
-    """The data a later stage reads must be what the ae was trained on (size, window)."""
-    mine = (int(data.image_size), data_lib.window(data))
-    theirs = (self.image_size, data_lib.window(self.config.data))
-    if mine != theirs:
-      raise ConfigError(f"data (image_size, HU window) {mine} differs from the ae run's "
-                        f"{theirs} ({self.run_dir}); set data.image_size / window_level / "
-                        f"window_width as in that run")
+  run_dir: str
+  skip_mode: str
+  image_size: int
+  latent_size: int
+  latent_channels: int
+  variables: dict
 
   def encode_pairs(self, pairs, batch_size: int, progress: bool = False):
     """(Z_A, Z_B) of every pair of `pairs` as float32 numpy arrays (N, h, w, c)."""
@@ -103,6 +78,63 @@ class LoadedAE:
         out[key].append(np.asarray(z)[keep])
     return {k: np.concatenate(v) for k, v in out.items()}
 
+  def check_data(self, data) -> None:
+    """The data a later stage reads must be what the codec was built for (size, window)."""
+    mine = (int(data.image_size), data_lib.window(data))
+    theirs = (self.image_size, data_lib.window(self.data))
+    if mine != theirs:
+      raise ConfigError(f"data (image_size, HU window) {mine} differs from {theirs} of "
+                        f"{self.run_dir}; set data.image_size / window_level / window_width "
+                        f"as in that run")
+
+
+class LoadedAE(Codec):
+  """A finished `ltdiff` stage-`ae` run: jitted E(x) -> (latent, skips) and D(latent, skips).
+
+  With the run's `model.skip_mode="source"` the decoder takes the encoder skips X_(i,0)
+  of the input it decodes for (in `translate`: A's), so texture of A can reach A' past the
+  latent; with "none" the skips are ignored and A' depends on the latent alone.
+  """
+
+  def __init__(self, run_dir):
+    if not run_dir:
+      raise ConfigError("ae_from is empty: point it at a finished `ltdiff` stage=ae run "
+                        "(in the pipeline: 'stage:ae')")
+    trained = methods.load_trained(run_dir, method="ltdiff", stage="ae")
+    self.run_dir = trained.run.path
+    self.config = trained.config
+    self.data = trained.config.data
+    self.model = trained.model
+    self.variables = trained.variables
+    self.skip_mode = str(self.config.model.skip_mode)
+    self.image_size = int(self.config.data.image_size)
+    shape = jax.eval_shape(
+        lambda v, x: self.model.apply(v, x, train=False, method=self.model.encode)[0],
+        self.variables, jax.ShapeDtypeStruct((1, self.image_size, self.image_size,
+                                              common.CHANNELS), jnp.float32))
+    self.latent_size, self.latent_channels = int(shape.shape[1]), int(shape.shape[-1])
+    model = self.model
+    self.encode = jax.jit(lambda v, x: model.apply(v, x, train=False, method=model.encode))
+    config = self.config
+    self.decode = jax.jit(lambda v, z, skips: common.to_image(config, common.deepest(
+        model.apply(v, z, skips, train=False, method=model.decode))))
+
+
+class PixelSpace(Codec):
+  """The identity codec of the `pixel_ddpm` baseline (`space="pixel"`): the DDPM models
+  the images themselves, Z_A = A and A' = clip(Z_A', 0, 1)."""
+
+  run_dir = "(pixel space: no autoencoder)"
+  skip_mode = "none"
+  latent_channels = common.CHANNELS
+  variables: dict = {}
+
+  def __init__(self, data):
+    self.data = data
+    self.image_size = self.latent_size = int(data.image_size)
+    self.encode = jax.jit(lambda v, x: (x.astype(jnp.float32), ()))
+    self.decode = jax.jit(lambda v, z, skips: jnp.clip(z, 0.0, 1.0))
+
 
 _AE_CACHE: dict[str, LoadedAE] = {}
 
@@ -112,6 +144,22 @@ def load_ae(run_dir) -> LoadedAE:
   if key not in _AE_CACHE:
     _AE_CACHE[key] = LoadedAE(run_dir)
   return _AE_CACHE[key]
+
+
+def load_codec(config, ae_from: str = "") -> Codec:
+  """The codec of a DDPM stage config: `PixelSpace` for `space="pixel"`, else the ae run
+  `ae_from` (or the config's own `ae_from`)."""
+  if check_space(config) == "pixel":
+    return PixelSpace(config.data)
+  return load_ae(ae_from or config.ae_from)
+
+
+def check_space(config) -> str:
+  space = str(config.get("space", "latent"))
+  if space not in SPACES:
+    raise ConfigError(f"space={space!r}; expected one of {SPACES} (latent: the UNet++ "
+                      f"latents of ae_from; pixel: the pixel_ddpm baseline on the images)")
+  return space
 
 
 def build_denoiser(config, latent_channels: int) -> diffusion_unet.DiffusionUNet:
@@ -124,6 +172,8 @@ def build_denoiser(config, latent_channels: int) -> diffusion_unet.DiffusionUNet
     overrides["channel_mult"] = tuple(int(x) for x in m.channel_mult)
   if int(m.num_res_blocks) > 0:
     overrides["num_res_blocks"] = int(m.num_res_blocks)
+  if tuple(m.get("attention_resolutions", ())):
+    overrides["attention_resolutions"] = tuple(int(x) for x in m.attention_resolutions)
   try:
     return diffusion_unet.get_diffusion_unet(
         str(m.size), int(latent_channels), concat_channels=int(latent_channels),
@@ -158,10 +208,11 @@ class LatentDDPMStage(base.EMAParams, base.Method):
     if not 0.0 <= float(config.ema_decay) < 1.0:
       raise ConfigError(f"ema_decay must be in [0, 1), got {config.ema_decay}")
     data_lib.window(config.data)
+    check_space(config)
 
   @functools.cached_property
-  def ae(self) -> LoadedAE:
-    ae = load_ae(self.config.ae_from)
+  def ae(self) -> Codec:
+    ae = load_codec(self.config)
     ae.check_data(self.config.data)
     return ae
 

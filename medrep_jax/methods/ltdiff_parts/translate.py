@@ -34,6 +34,7 @@ figure of A / A' / B / |A - B| / |A' - B| crops.
 from __future__ import annotations
 
 import os
+import pathlib
 import re
 
 import jax
@@ -123,23 +124,13 @@ class TranslateStage(base.Task):
     trained = methods.load_trained(c.ddpm_from, method="ltdiff", stage="latent_ddpm")
     ddpm, extras = trained.stage, trained.run.extras
     t_star = check_t_star(tc.t_star, ddpm.sched.num_timesteps)
-    ae = latent_ddpm.load_ae(c.ae_from or trained.config.ae_from)
+    ae = latent_ddpm.load_codec(trained.config, c.ae_from)
     ae.check_data(c.data)
     if ae.latent_channels != int(ddpm.info.channels):
       raise ConfigError(f"the ae run {ae.run_dir} has {ae.latent_channels} latent channels, "
                         f"the latent_ddpm run {trained.run.path} {ddpm.info.channels}")
 
-    split = c.train.eval_split
-    pairs = data_lib.pair_source(c.data, split, progress=bool(c.train.progress))
-    names = slice_names(pairs, len(pairs))
-    limit = int(tc.max_slices)
-    if 0 < limit < len(pairs):
-      pairs = subsets.spread_subset(pairs, limit)
-      names = [names[i] for i in pairs.indices] if hasattr(pairs, "indices") else [
-          f"{i:05d}" for i in range(limit)]
-
     n_dev = self.mesh.shape[mesh_lib.DATA]
-    batch = max(n_dev, (int(tc.batch_size) // n_dev) * n_dev)
     sharding = NamedSharding(self.mesh, P(mesh_lib.DATA))
     apply_fn = lambda p, x, t, cond: ddpm.model.apply({"params": p}, x, t, concat=cond)
     translate = make_translator(apply_fn, ddpm.sched, t_star, sampler=str(tc.sampler),
@@ -148,33 +139,21 @@ class TranslateStage(base.Task):
     norm = jax.tree.map(jnp.asarray, {k: extras[k] for k in ("latent_shift", "scale_factor")})
     rng = jax.random.key(int(tc.seed))
 
-    out = {k: [] for k in FOLDERS}
-    batches = loader.eval_batches(pairs, [], global_batch=batch, process_index=0,
-                                  process_count=1)
-    for i, b in enumerate(tqdm(batches, total=-(-len(pairs) // batch), desc="translating",
-                               disable=not bool(c.train.progress))):
-      a = jax.device_put(jnp.asarray(b["image_a"], jnp.float32), sharding)
-      z_a, skips = ae.encode(ae.variables, a)
+    def a_to_a_prime(i, a):
+      z_a, skips = ae.encode(ae.variables, jax.device_put(a, sharding))
       z_out = translate(params, latent_ddpm.normalize(z_a, norm), jax.random.fold_in(rng, i))
-      a_prime = ae.decode(ae.variables, latent_ddpm.denormalize(z_out, norm), skips)
-      keep = b["_valid"] > 0
-      out["A"].append(np.asarray(b["image_a"])[keep])
-      out["A_prime"].append(np.asarray(mesh_lib.to_host(a_prime))[keep])
-      out["B"].append(np.asarray(b["image_b"])[keep])
-    images = {k: np.concatenate(v)[..., 0].astype(np.float32) for k, v in out.items()}
+      return ae.decode(ae.variables, latent_ddpm.denormalize(z_out, norm), skips)
 
-    root = self.workdir / "translated"
-    for key in FOLDERS:
-      (root / key).mkdir(parents=True, exist_ok=True)
-      hu = data_lib.to_hu(images[key], c.data).astype(np.float32)
-      for name, x in zip(names, hu):
-        np.save(root / key / f"{name}.npy", x)
-
-    metrics = self._metrics(images)
+    split = c.train.eval_split
+    names, images = translate_split(
+        c.data, split, a_to_a_prime, batch_size=int(tc.batch_size), num_devices=n_dev,
+        max_slices=int(tc.max_slices), progress=bool(c.train.progress))
+    root = write_translated(self.workdir, names, images, c.data)
+    metrics = translation_metrics(images, c.data)
     metrics.update(num_slices=len(names), t_star=t_star,
                    sampler_steps=(t_star if tc.sampler == "ddpm"
                                   else min(int(tc.steps), t_star)))
-    fig = self._figure(images, int(tc.figure_slices))
+    fig = translation_figure(images, int(tc.figure_slices), self.workdir)
     level, width = data_lib.window(c.data)
     lines = [
         f"A -> A' on the {split} split ({len(names)} slices): Z_A noised to t* = {t_star} "
@@ -191,36 +170,84 @@ class TranslateStage(base.Task):
         f"{root / 'B'} --compare ltdiff={root / 'A_prime'} "
         f"--output {self.workdir / 'ccc'}",
         "",
-        "| pair | L1 | L1 (HU) | PSNR (dB) |", "|---|---|---|---|",
-        f"| A vs B | {metrics['l1_a_b']:.4f} | {metrics['mae_hu_a_b']:.1f} | "
-        f"{metrics['psnr_a_b']:.2f} |",
-        f"| A' vs B | {metrics['l1_aprime_b']:.4f} | {metrics['mae_hu_aprime_b']:.1f} | "
-        f"{metrics['psnr_aprime_b']:.2f} |"]
+        *translation_table(metrics)]
     return base.Result(metrics, {"A / A' / B / |A-B| / |A'-B| (center crops)": fig}, lines)
 
-  def _metrics(self, images) -> dict:
-    _, width = data_lib.window(self.config.data)
-    b = images["B"]
-    out = {}
-    for label, x in (("a_b", images["A"]), ("aprime_b", images["A_prime"]),
-                     ("aprime_a", images["A_prime"])):
-      ref = images["A"] if label == "aprime_a" else b
-      l1 = np.mean(np.abs(x - ref), axis=(1, 2))
-      mse = np.mean((x - ref) ** 2, axis=(1, 2))
-      out[f"l1_{label}"] = float(np.mean(l1))
-      out[f"mae_hu_{label}"] = float(np.mean(l1)) * width
-      out[f"psnr_{label}"] = float(np.mean(10.0 * np.log10(1.0 / np.maximum(mse, 1e-10))))
-    return out
 
-  def _figure(self, images, n: int) -> str:
-    n = max(1, min(n, len(images["A"])))
-    size = images["A"].shape[1]
-    crop = min(size, max(32, size // 2))
-    lo = (size - crop) // 2
-    cut = lambda x: x[:n, lo:lo + crop, lo:lo + crop]
-    rows = [cut(images["A"]), cut(images["A_prime"]), cut(images["B"]),
-            cut(np.abs(images["A"] - images["B"])), cut(np.abs(images["A_prime"] - images["B"]))]
-    titles = [t for t in ("A", "A'", "B", "|A-B|", "|A'-B|") for _ in range(n)]
-    path = fig_lib.image_grid(np.concatenate(rows), self.workdir / "figures" / "translate.png",
-                              nrow=n, titles=titles)
-    return os.path.relpath(path, self.workdir)
+# ---- shared by every A -> A' translator (this stage, `direct`)
+def translate_split(data, split: str, a_to_a_prime, *, batch_size: int, num_devices: int = 1,
+                    max_slices: int = 0, progress: bool = False
+                    ) -> tuple[list[str], dict[str, np.ndarray]]:
+  """(slice names, {"A", "A_prime", "B": (N, H, W) float32 in [0, 1]}) over the split's pairs.
+
+  `a_to_a_prime(i, a)` maps batch i of A slices (B, H, W, 1), B a multiple of
+  `num_devices` (padding rows are dropped), to A' in [0, 1]; `max_slices` > 0 keeps that
+  many pairs spread over the split.
+  """
+  pairs = data_lib.pair_source(data, split, progress=progress)
+  names = slice_names(pairs, len(pairs))
+  if 0 < max_slices < len(pairs):
+    pairs = subsets.spread_subset(pairs, max_slices)
+    names = [names[i] for i in pairs.indices] if hasattr(pairs, "indices") else [
+        f"{i:05d}" for i in range(max_slices)]
+  batch = max(num_devices, (batch_size // num_devices) * num_devices)
+  out = {k: [] for k in FOLDERS}
+  batches = loader.eval_batches(pairs, [], global_batch=batch, process_index=0,
+                                process_count=1)
+  for i, b in enumerate(tqdm(batches, total=-(-len(pairs) // batch), desc="translating",
+                             disable=not progress)):
+    a_prime = a_to_a_prime(i, jnp.asarray(b["image_a"], jnp.float32))
+    keep = b["_valid"] > 0
+    out["A"].append(np.asarray(b["image_a"])[keep])
+    out["A_prime"].append(np.asarray(mesh_lib.to_host(a_prime))[keep])
+    out["B"].append(np.asarray(b["image_b"])[keep])
+  return names, {k: np.concatenate(v)[..., 0].astype(np.float32) for k, v in out.items()}
+
+
+def write_translated(workdir, names: list[str], images: dict[str, np.ndarray], data):
+  """WORKDIR/translated/{A,A_prime,B}/<name>.npy in HU; returns the translated/ folder."""
+  root = pathlib.Path(workdir) / "translated"
+  for key in FOLDERS:
+    (root / key).mkdir(parents=True, exist_ok=True)
+    hu = data_lib.to_hu(images[key], data).astype(np.float32)
+    for name, x in zip(names, hu):
+      np.save(root / key / f"{name}.npy", x)
+  return root
+
+
+def translation_metrics(images: dict[str, np.ndarray], data) -> dict:
+  """L1 (unit and HU) and PSNR (data range 1) of A vs B, A' vs B and A' vs A."""
+  _, width = data_lib.window(data)
+  out = {}
+  for label, x, ref in (("a_b", images["A"], images["B"]),
+                        ("aprime_b", images["A_prime"], images["B"]),
+                        ("aprime_a", images["A_prime"], images["A"])):
+    l1 = np.mean(np.abs(x - ref), axis=(1, 2))
+    mse = np.mean((x - ref) ** 2, axis=(1, 2))
+    out[f"l1_{label}"] = float(np.mean(l1))
+    out[f"mae_hu_{label}"] = float(np.mean(l1)) * width
+    out[f"psnr_{label}"] = float(np.mean(10.0 * np.log10(1.0 / np.maximum(mse, 1e-10))))
+  return out
+
+
+def translation_table(metrics: dict) -> list[str]:
+  """The markdown rows of A vs B and A' vs B (`translation_metrics`)."""
+  return ["| pair | L1 | L1 (HU) | PSNR (dB) |", "|---|---|---|---|",
+          *(f"| {name} | {metrics[f'l1_{k}']:.4f} | {metrics[f'mae_hu_{k}']:.1f} | "
+            f"{metrics[f'psnr_{k}']:.2f} |" for name, k in (("A vs B", "a_b"),
+                                                             ("A' vs B", "aprime_b")))]
+
+
+def translation_figure(images: dict[str, np.ndarray], n: int, workdir) -> str:
+  """A / A' / B / |A - B| / |A' - B| center crops of n slices; the path from `workdir`."""
+  n = max(1, min(n, len(images["A"])))
+  size = images["A"].shape[1]
+  crop = min(size, max(32, size // 2))
+  lo = (size - crop) // 2
+  cut = lambda x: x[:n, lo:lo + crop, lo:lo + crop]
+  rows = [cut(images["A"]), cut(images["A_prime"]), cut(images["B"]),
+          cut(np.abs(images["A"] - images["B"])), cut(np.abs(images["A_prime"] - images["B"]))]
+  titles = [t for t in ("A", "A'", "B", "|A-B|", "|A'-B|") for _ in range(n)]
+  path = fig_lib.image_grid(np.concatenate(rows), pathlib.Path(workdir) / "figures" /
+                            "translate.png", nrow=n, titles=titles)
+  return os.path.relpath(path, workdir)
