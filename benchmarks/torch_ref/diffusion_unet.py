@@ -12,11 +12,14 @@ factors). Downsampling is a stride-2 3x3 conv and upsampling is nearest x2 +
 The layer list, widths, GroupNorm group counts, bias flags and zero-inits
 mirror the JAX module, so for the same preset both have the same parameter
 count and FLOPs (``tests/test_benchmarks.py`` checks the count). Tensors are
-NCHW. Only the unconditional model is implemented (no class, SPADE,
-cross-attention or concat conditioning): that is what the benchmark times.
+NCHW. Implemented: the unconditional model and concat conditioning
+(``concat_channels``: a latent concatenated to x_t at the input, the LTDiff++
+denoiser); not implemented: class, SPADE, cross-attention and reference
+conditioning.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Mapping, Sequence
 
@@ -29,8 +32,7 @@ from torch import nn
 _IGNORED_KEYS = ("spade_hidden", "ref_token_dim", "ref_num_tokens", "dtype",
                  "attention_impl")
 _UNSUPPORTED = ("learned_variance", "num_classes", "spade_channels",
-                "context_dim", "ref_embed_dim", "concat_channels",
-                "resblock_updown")
+                "context_dim", "ref_embed_dim", "resblock_updown")
 
 
 def group_count(channels: int, max_groups: int = 32) -> int:
@@ -145,22 +147,25 @@ class DiffusionUNet(nn.Module):
     head_dim: fixed head width when > 0.
     norm_groups: GroupNorm group cap.
     dropout: ResBlock dropout.
+    concat_channels: > 0 concatenates ``concat`` (B, concat_channels, H, W)
+      to x_t before the input conv.
   """
 
   def __init__(self, in_channels: int, out_channels: int, base_width: int = 128,
                channel_mult: Sequence[int] = (1, 2, 2, 4), num_res_blocks: int = 2,
                attention_resolutions: Sequence[int] = (4, 8),
                mid_attention: bool = True, num_heads: int = 4, head_dim: int = 0,
-               norm_groups: int = 32, dropout: float = 0.0):
+               norm_groups: int = 32, dropout: float = 0.0, concat_channels: int = 0):
     super().__init__()
     self.base_width = base_width
+    self.concat_channels = concat_channels
     emb_dim = 4 * base_width
     attn = lambda c, on: (AttentionBlock(c, num_heads, head_dim, norm_groups)
                           if on else nn.Identity())
     res = lambda cin, cout: ResBlock(cin, cout, emb_dim, norm_groups, dropout)
     self.time_embed = nn.Sequential(nn.Linear(base_width, emb_dim), nn.SiLU(),
                                     nn.Linear(emb_dim, emb_dim))
-    self.input_conv = conv3x3(in_channels, base_width)
+    self.input_conv = conv3x3(in_channels + concat_channels, base_width)
 
     skip_widths, width = [base_width], base_width
     last = len(channel_mult) - 1
@@ -196,8 +201,19 @@ class DiffusionUNet(nn.Module):
     self.out_norm = group_norm(width, norm_groups)
     self.out_conv = conv3x3(width, out_channels, zero=True)
 
-  def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """x (B, C, H, W), t (B,) -> eps prediction (B, out_channels, H, W)."""
+  def forward(self, x: torch.Tensor, t: torch.Tensor,
+              concat: torch.Tensor | None = None) -> torch.Tensor:
+    """x (B, C, H, W), t (B,)[, concat (B, concat_channels, H, W)] -> eps prediction
+    (B, out_channels, H, W).
+
+    Raises:
+      ValueError: ``concat`` is missing with ``concat_channels`` > 0, or given without.
+    """
+    if bool(self.concat_channels) != (concat is not None):
+      raise ValueError(f"concat_channels={self.concat_channels} but concat is "
+                       f"{'missing' if concat is None else 'given'}")
+    if concat is not None:
+      x = torch.cat([x, concat.to(x.dtype)], dim=1)
     emb = self.time_embed(timestep_embedding(t, self.base_width))
     h = self.input_conv(x)
     skips = [h]
@@ -231,6 +247,19 @@ def unet_from_config(config: Mapping[str, Any], in_channels: int,
   return DiffusionUNet(in_channels, out_channels, **used)
 
 
+def unet_from_flax(module: Any, in_channels: int) -> DiffusionUNet:
+  """The reference UNet with the settings of a built flax ``DiffusionUNet`` module
+  (its widths, levels, attention and conditioning fields; ``in_channels``: channels
+  of x_t, which the flax module infers from its input).
+
+  Raises:
+    ValueError: the module enables a feature the reference does not implement.
+  """
+  keys = list(inspect.signature(DiffusionUNet).parameters)[2:]  # after in/out channels
+  config = {k: getattr(module, k) for k in (*keys, *_UNSUPPORTED)}
+  return unet_from_config(config, in_channels, int(module.out_channels))
+
+
 def count_params(model: nn.Module) -> int:
   """Number of trainable scalars."""
   return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -246,30 +275,44 @@ def linear_alphas_cumprod(num_timesteps: int = 1000) -> torch.Tensor:
 class DDPMTrainStep:
   """One L_simple step (DDPM Alg. 1, eq. 14): MSE(eps, eps_theta(q_sample(x0, t, eps), t)).
 
+  With ``cond``, the model is ``model(x_t, t, cond)`` (concat conditioning); with
+  ``ema_decay``, an EMA of the parameters follows each update,
+  ema <- decay * ema + (1 - decay) * params (as ``optax.incremental_update``).
+
   Args:
-    model: the eps-prediction network ``model(x_t, t)``.
-    lr: AdamW learning rate.
-    weight_decay: AdamW decoupled weight decay.
+    model: the eps-prediction network ``model(x_t, t[, cond])``.
+    lr: learning rate.
+    weight_decay: AdamW decoupled weight decay (Adam: L2 added to the gradient).
     num_timesteps: T of the linear-beta schedule.
-    fused: use the fused CPU/GPU AdamW kernel when this torch supports it.
+    fused: use the fused CPU/GPU optimizer kernel when this torch supports it.
+    optimizer: "adamw" or "adam".
+    ema_decay: None (no EMA) or the decay in [0, 1).
   """
 
   def __init__(self, model: nn.Module, lr: float = 1e-4, weight_decay: float = 1e-4,
-               num_timesteps: int = 1000, fused: bool = True):
+               num_timesteps: int = 1000, fused: bool = True, optimizer: str = "adamw",
+               ema_decay: float | None = None):
     self.model = model
     device = next(model.parameters()).device
     ac = linear_alphas_cumprod(num_timesteps)
     self.sqrt_ab = ac.sqrt().float().to(device)
     self.sqrt_1m_ab = (1.0 - ac).sqrt().float().to(device)
     self.num_timesteps = num_timesteps
+    optimizers = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
+    if optimizer not in optimizers:
+      raise ValueError(f"optimizer={optimizer!r}; expected one of {sorted(optimizers)}")
+    make = optimizers[optimizer]
     try:
-      self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr,
-                                         weight_decay=weight_decay, fused=fused)
+      self.optimizer = make(model.parameters(), lr=lr, weight_decay=weight_decay, fused=fused)
       self.fused = fused
     except (RuntimeError, TypeError):
-      self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr,
-                                         weight_decay=weight_decay, foreach=True)
+      self.optimizer = make(model.parameters(), lr=lr, weight_decay=weight_decay,
+                            foreach=True)
       self.fused = False
+    self.params = [p for p in model.parameters() if p.requires_grad]
+    self.ema_decay = ema_decay
+    self.ema = ([p.detach().clone() for p in self.params]
+                if ema_decay is not None else None)
 
   def q_sample(self, x0: torch.Tensor, t: torch.Tensor,
                noise: torch.Tensor) -> torch.Tensor:
@@ -278,21 +321,27 @@ class DDPMTrainStep:
             + self.sqrt_1m_ab[t][:, None, None, None] * noise)
 
   def loss(self, x0: torch.Tensor, t: torch.Tensor | None = None,
-           noise: torch.Tensor | None = None) -> torch.Tensor:
+           noise: torch.Tensor | None = None,
+           cond: torch.Tensor | None = None) -> torch.Tensor:
     """L_simple for t ~ U{0..T-1} and eps ~ N(0, I) unless given."""
     if t is None:
       t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
     if noise is None:
       noise = torch.randn_like(x0)
-    return F.mse_loss(self.model(self.q_sample(x0, t, noise), t), noise)
+    args = () if cond is None else (cond,)
+    return F.mse_loss(self.model(self.q_sample(x0, t, noise), t, *args), noise)
 
   def __call__(self, x0: torch.Tensor, t: torch.Tensor | None = None,
-               noise: torch.Tensor | None = None) -> torch.Tensor:
-    """Forward, backward and AdamW update; returns the (detached) loss."""
+               noise: torch.Tensor | None = None,
+               cond: torch.Tensor | None = None) -> torch.Tensor:
+    """Forward, backward, optimizer update (and EMA); returns the (detached) loss."""
     self.optimizer.zero_grad(set_to_none=True)
-    loss = self.loss(x0, t, noise)
+    loss = self.loss(x0, t, noise, cond)
     loss.backward()
     self.optimizer.step()
+    if self.ema is not None:
+      with torch.no_grad():
+        torch._foreach_lerp_(self.ema, self.params, 1.0 - self.ema_decay)  # pylint: disable=protected-access
     return loss.detach()
 
 

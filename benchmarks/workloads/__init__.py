@@ -22,6 +22,9 @@ _REGISTRY: dict[str, tuple[str, Any, str]] = {
     "ddim50": ("ldm", "run_ddim", "DDIM-50 sampling of the latent UNet"),
     "seg_finetune": ("segmentation", "run_seg", "U-Net segmentation fine-tuning step"),
     "drfl": ("drfl", "run_drfl", "DRFL dual-stream segmentation step (+ torch A/B)"),
+    "ltdiff_ddpm": ("ltdiff", "run_ddpm",
+                    "LTDiff++ latent DDPM step, Z_B given Z_A by concat (+ torch A/B)"),
+    "radiomics": ("ltdiff", "run_radiomics", "LTDiff++ radiomic features per ROI (host NumPy)"),
 }
 NAMES = tuple(_REGISTRY)
 
