@@ -26,6 +26,11 @@ stated, so choices here: T = 1000 with DDPM's linear β schedule, the denoiser
 latent normalization (per-channel shift, 1/std scale), t* = 500 (the paper's σ² of
 Z~_A = Z_A + η) and the sampler (DDPM ancestral, every step from t*).
 
+Phase 3 (`stage=joint`, needs `--config.ddpm_from=<latent_ddpm run>`): the denoiser and
+the UNet++ decoder fine-tuned together on ||Z_A' - Z_B||² + λ||D(Z_A') - B||², Z_A' the
+one-step x̂_0 from Z_A noised to t < t* (`ltdiff_parts.joint`); `stage=translate` takes a
+joint run as `ddpm_from`.
+
 Baselines (Table I): `stage=direct` (UNet++ trained A -> B, L1; writes its translated
 slices at the end), `stage=latent_ddpm,space=pixel` (the same conditional DDPM on the
 images, translated by `stage=translate` like the latent one), and identity (A itself).
@@ -33,8 +38,8 @@ images, translated by `stage=translate` like the latent one), and identity (A it
 and `compare.pixel_ddpm` and writes the CCC table per feature class.
 
 Variant args:
-  stage=ae|direct|latent_ddpm|translate|evaluate  (phase 1; the UNet++ A -> B baseline;
-        phase 2; A -> A'; radiomic concordance)
+  stage=ae|direct|latent_ddpm|joint|translate|evaluate  (phase 1; the UNet++ A -> B
+        baseline; phase 2; phase 3; A -> A'; radiomic concordance)
   space=latent|pixel  (latent_ddpm only: pixel = the pixel_ddpm baseline)
   size=paper|small|tiny  (small: 128 px, a 4-level UNet++ at widths 16-128, latents
         16x16x4, a real-data run for a CPU; tiny: 32 px, widths 4-8-16, 2 steps, tests)
@@ -48,7 +53,7 @@ import ml_collections as mlc
 from medrep_jax import config_lib
 from medrep_jax.data import registry
 
-STAGES = ("ae", "direct", "latent_ddpm", "translate", "evaluate")
+STAGES = ("ae", "direct", "latent_ddpm", "joint", "translate", "evaluate")
 DEFAULTS = dict(stage="ae", size="paper", data="covid_ct", space="latent", seed=0)
 CHOICES = dict(stage=STAGES, size=("paper", "small", "tiny"), data=("covid_ct", "phantoms"),
                space=("latent", "pixel"))
@@ -181,6 +186,30 @@ def latent_ddpm_config(*, size: str = "paper", data: str = "covid_ct", seed: int
   return c
 
 
+def joint_config(*, size: str = "paper", data: str = "covid_ct",
+                 seed: int = 0) -> mlc.ConfigDict:
+  """Phase 3 (Sec. III-C): ε_θ and the decoder fine-tuned on ||Z_A' - Z_B||² + λ||D(Z_A') - B||²."""
+  c = _stage_config("joint", size, data, seed)
+  c.ddpm_from = ""  # a finished latent_ddpm run; "stage:latent_ddpm" in the pipeline
+  c.ae_from = ""  # "" = the ae run the latent_ddpm run was trained on
+  # Not stated: λ, and t* (the translation's; Z_A' is the one-step x̂_0 from t < t*).
+  # Latents are normalized to unit std and images are in [0, 1] (a 20 HU error is an MSE of
+  # 1e-4): λ = 100 puts the image term on the latent term's scale.
+  c.joint = mlc.ConfigDict(dict(lam=100.0, t_star=500))
+  c.ema_decay = 0.999
+  c.optim.update(dict(name="adam", lr=1e-4, weight_decay=0.0, schedule="constant"))
+  c.train.update(dict(batch_size=16, num_epochs=50.0, eval_every=0, log_every=20,
+                      checkpoint_every=1000, eval_batch_size=16))
+  if size == "small":
+    c.train.update(dict(num_epochs=0.0, num_steps=300, batch_size=8, eval_every=150,
+                        checkpoint_every=150, log_every=25))
+  elif size == "tiny":
+    c.joint.t_star = 25
+    c.ema_decay = 0.9
+    config_lib.set_tiny_train(c)
+  return c
+
+
 def translate_config(*, size: str = "paper", data: str = "covid_ct",
                      seed: int = 0) -> mlc.ConfigDict:
   """A -> A': Z_A noised to t*, reverse chain conditioned on Z_A, decoded (SDEdit reading)."""
@@ -224,8 +253,8 @@ def ltdiff_config(*, stage: str = "ae", size: str = "paper", data: str = "covid_
     return latent_ddpm_config(size=size, data=data, seed=seed, space=space)
   if space != "latent":
     raise config_lib.ConfigError(f"space={space!r} is a variant of stage=latent_ddpm only")
-  builders = {"ae": ae_config, "direct": direct_config, "translate": translate_config,
-              "evaluate": evaluate_config}
+  builders = {"ae": ae_config, "direct": direct_config, "joint": joint_config,
+              "translate": translate_config, "evaluate": evaluate_config}
   return builders[stage](size=size, data=data, seed=seed)
 
 

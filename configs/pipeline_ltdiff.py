@@ -12,26 +12,30 @@ Stages (configs/ltdiff.py builds each), run in this order in WORKDIR/<stage>/:
   direct       the `unetpp_direct` baseline (UNet++ trained A -> B), its translated/ too;
   pixel_ddpm, translate_pixel   (with `pixel=True`) the `pixel_ddpm` baseline: the same
                conditional DDPM on the images, translated the same way;
+  joint, translate_joint   (with `joint=True`) phase 3: the denoiser and decoder
+               fine-tuned together, translated (row `ltdiff_joint`);
   evaluate     Lin's CCC per radiomic feature class of each A' against B in the HU
                windows of Sec. IV-B: WORKDIR/evaluate/ccc/ccc_table.md (Table I's form).
 
 Override a stage's field with `--config.<stage>.<field>`, e.g.
 `--config.translate.translate.t_star=250`.
 
-Variant args: size=paper|small|tiny, data=covid_ct|phantoms, pixel=False|True, seed=<int>.
+Variant args: size=paper|small|tiny, data=covid_ct|phantoms, pixel=False|True,
+joint=False|True, seed=<int>.
 """
 import ml_collections as mlc
 
 from medrep_jax import config_lib
 
 ltdiff = config_lib.config_module("ltdiff")
-DEFAULTS = dict(size="paper", data="covid_ct", pixel=False, seed=0)
+DEFAULTS = dict(size="paper", data="covid_ct", pixel=False, joint=False, seed=0)
 CHOICES = dict(size=ltdiff.CHOICES["size"], data=ltdiff.CHOICES["data"])
 
 
 def pipeline_stages(*, size: str = "paper", data: str = "covid_ct", pixel: bool = False,
-                    seed: int = 0) -> dict[str, mlc.ConfigDict]:
-  """ae -> latent_ddpm -> translate -> direct [-> pixel_ddpm -> translate_pixel] -> evaluate."""
+                    joint: bool = False, seed: int = 0) -> dict[str, mlc.ConfigDict]:
+  """ae -> latent_ddpm -> translate -> direct [-> pixel_ddpm -> translate_pixel]
+  [-> joint -> translate_joint] -> evaluate."""
   common = dict(size=size, data=data, seed=seed)
   stages = {s: ltdiff.ltdiff_config(stage=s, **common)
             for s in ("ae", "latent_ddpm", "translate", "direct")}
@@ -45,6 +49,12 @@ def pipeline_stages(*, size: str = "paper", data: str = "covid_ct", pixel: bool 
     stages["translate_pixel"] = ltdiff.ltdiff_config(stage="translate", **common)
     stages["translate_pixel"].ddpm_from = "stage:pixel_ddpm"
     evaluate.compare.pixel_ddpm = "stage:translate_pixel"
+  if joint:
+    stages["joint"] = ltdiff.ltdiff_config(stage="joint", **common)
+    stages["joint"].ddpm_from = "stage:latent_ddpm"
+    stages["translate_joint"] = ltdiff.ltdiff_config(stage="translate", **common)
+    stages["translate_joint"].ddpm_from = "stage:joint"
+    evaluate.compare.ltdiff_joint = "stage:translate_joint"
   stages["evaluate"] = evaluate
   return stages
 

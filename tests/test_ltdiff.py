@@ -55,7 +55,7 @@ def test_paper_and_small_configs():
   assert ltdiff_cfg.get_config("size=tiny").train.num_steps <= 2
 
 
-@pytest.mark.parametrize("arg,match", [("stage=joint", "Allowed stage values"),
+@pytest.mark.parametrize("arg,match", [("stage=fit", "Allowed stage values"),
                                        ("data=kermany", "Allowed data values"),
                                        ("size=smal", "Did you mean 'small'")])
 def test_bad_variant_args(arg, match):

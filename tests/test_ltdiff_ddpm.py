@@ -1,6 +1,7 @@
-"""LTDiff++ stages `latent_ddpm` and `translate`: the SDEdit start, t* checks, conditioning by
-concatenation, the sharded step, and the tiny pipeline ae -> latent_ddpm -> translate on
-phantoms (tiny sizes: 32 px, UNet++ widths (4, 8, 16), 8x8x4 latents)."""
+"""LTDiff++ stages `latent_ddpm`, `joint`, `translate`, `direct` and `evaluate`: the SDEdit
+start, t* checks, conditioning by concatenation, the sharded step, the pixel-space DDPM,
+the joint step's frozen encoder, and the tiny pipeline ae -> latent_ddpm -> translate ->
+direct -> evaluate on phantoms (tiny sizes: 32 px, UNet++ widths (4, 8, 16), 8x8x4 latents)."""
 import json
 
 import jax
@@ -11,7 +12,7 @@ import pytest
 from medrep_jax import config_lib, diffusion, methods
 from medrep_jax.core import mesh as mesh_lib
 from medrep_jax.data.sources import DataError
-from medrep_jax.methods.ltdiff_parts import latent_ddpm, translate
+from medrep_jax.methods.ltdiff_parts import joint, latent_ddpm, translate
 
 from conftest import config_module, one_step
 
@@ -225,5 +226,37 @@ def test_evaluate_refuses_missing_or_mismatched_runs(tmp_path):
       (tmp_path / name / "translated" / key).mkdir(parents=True)
       np.save(tmp_path / name / "translated" / key / "s0.npy", np.full((8, 8), value))
   c.compare.update(dict(ltdiff=str(tmp_path / "one"), unetpp_direct=str(tmp_path / "two")))
-  with pytest.raises(DataError, match="B/s0.npy differs between compare.unetpp_direct"):
+  with pytest.raises(DataError, match="B/s0.npy differs between compare.ltdiff and compare.unetpp_direct"):
     run()
+
+
+@pytest.mark.xdist_group("pipeline_ltdiff")  # shares test_cli's tiny_run
+def test_joint_step_trains_denoiser_and_decoder_not_the_encoder(pipeline_dir, tmp_path):
+  c = ltdiff_cfg.ltdiff_config(stage="joint", size="tiny", data="phantoms")
+  c.data.num_examples = 32
+  c.train.progress = False
+  c.ddpm_from = str(pipeline_dir / "latent_ddpm")
+  stage = methods.load_method(c)
+  start = stage.init_variables(None, None)["params"]
+  params, _, metrics = one_step(c, jax.devices()[:1], tmp_path / "one")
+  np.testing.assert_allclose(metrics["loss"], metrics["latent_mse"]
+                             + c.joint.lam * metrics["image_mse"], rtol=1e-5)
+  moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
+                       start, params)
+  for key in joint.FROZEN:
+    assert not any(jax.tree.leaves(moved["unetpp"][key])), key
+  assert all(jax.tree.leaves(moved["unetpp"]["head_2"]))  # the decoder trains
+  assert any(jax.tree.leaves(moved["denoiser"]))
+  # The joint run translates with its own decoder; a pixel DDPM cannot be fine-tuned.
+  mesh = mesh_lib.make_mesh(c.mesh, jax.devices()[:1])
+  t = ltdiff_cfg.translate_config(size="tiny", data="phantoms")
+  t.ddpm_from, t.ae_from = str(pipeline_dir / "latent_ddpm"), str(pipeline_dir / "ae")
+  t.translate.max_slices = 2
+  tr = methods.load_method(t, tmp_path / "tr", mesh)
+  tr.config.unlock()
+  tr.config.ddpm_from = str(pipeline_dir / "ae")
+  with pytest.raises(config_lib.ConfigError, match="is a stage 'ae' run"):
+    tr.run()
+  c.joint.lam = -1.0
+  with pytest.raises(config_lib.ConfigError, match="joint.lam"):
+    methods.load_method(c)

@@ -7,6 +7,8 @@ Stages (`config.stage`), in the paper's phases (Sec. III-C):
   - `latent_ddpm` (phase 2, `ltdiff_parts.latent_ddpm`): with the `ae` run frozen
     (`ae_from`), an ε-prediction DiffusionUNet on cached Z_B latents conditioned on Z_A by
     concatenation (Sec. III-B, DESIGN reading), with EMA; eval: ε-MSE on the val split;
+  - `joint` (phase 3, `ltdiff_parts.joint`): the denoiser and the UNet++ decoder fine-tuned
+    on ||Z_A' - Z_B||² + λ||D(Z_A') - B||² (Z_A' the one-step x̂_0 from Z_A noised to t < t*);
   - `translate` (`ltdiff_parts.translate`): Z_A noised to t* (SDEdit-style, the paper's
     Z~_A = Z_A + η), the reverse chain conditioned on Z_A (DDPM or DDIM), A' = D(Z_A');
     writes translated/{A,A_prime,B}/*.npy HU slices for `python -m medrep_jax.radiomics`;
@@ -25,5 +27,6 @@ from __future__ import annotations
 STAGES = {"ae": "ltdiff_parts.ae:AEStage",
           "direct": "ltdiff_parts.direct:DirectStage",
           "latent_ddpm": "ltdiff_parts.latent_ddpm:LatentDDPMStage",
+          "joint": "ltdiff_parts.joint:JointStage",
           "translate": "ltdiff_parts.translate:TranslateStage",
           "evaluate": "ltdiff_parts.evaluate:EvaluateStage"}

@@ -29,6 +29,7 @@ squared distance of the normalized Z_A and Z_B (`za_zb_mse`).
 """
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import pathlib
@@ -77,6 +78,12 @@ class Codec:
         z, _ = self.encode(self.variables, jnp.asarray(b[image], jnp.float32))
         out[key].append(np.asarray(z)[keep])
     return {k: np.concatenate(v) for k, v in out.items()}
+
+  def with_variables(self, variables: dict) -> "Codec":
+    """A copy that encodes and decodes with other weights (a joint run's decoder)."""
+    other = copy.copy(self)
+    other.variables = variables
+    return other
 
   def check_data(self, data) -> None:
     """The data a later stage reads must be what the codec was built for (size, window)."""

@@ -121,21 +121,18 @@ class TranslateStage(base.Task):
     if not c.ddpm_from:
       raise ConfigError("ddpm_from is empty: point it at a finished `ltdiff` stage="
                         "latent_ddpm run (in the pipeline: 'stage:latent_ddpm')")
-    trained = methods.load_trained(c.ddpm_from, method="ltdiff", stage="latent_ddpm")
+    trained = methods.load_trained(c.ddpm_from, method="ltdiff")
+    denoiser, ema, ae = self._translator_parts(trained)
     ddpm, extras = trained.stage, trained.run.extras
     t_star = check_t_star(tc.t_star, ddpm.sched.num_timesteps)
-    ae = latent_ddpm.load_codec(trained.config, c.ae_from)
     ae.check_data(c.data)
-    if ae.latent_channels != int(ddpm.info.channels):
-      raise ConfigError(f"the ae run {ae.run_dir} has {ae.latent_channels} latent channels, "
-                        f"the latent_ddpm run {trained.run.path} {ddpm.info.channels}")
 
     n_dev = self.mesh.shape[mesh_lib.DATA]
     sharding = NamedSharding(self.mesh, P(mesh_lib.DATA))
-    apply_fn = lambda p, x, t, cond: ddpm.model.apply({"params": p}, x, t, concat=cond)
+    apply_fn = lambda p, x, t, cond: denoiser.apply({"params": p}, x, t, concat=cond)
     translate = make_translator(apply_fn, ddpm.sched, t_star, sampler=str(tc.sampler),
                                 steps=int(tc.steps), eta=float(tc.eta), sharding=sharding)
-    params = jax.device_put(extras["ema"], NamedSharding(self.mesh, P()))
+    params = jax.device_put(ema, NamedSharding(self.mesh, P()))
     norm = jax.tree.map(jnp.asarray, {k: extras[k] for k in ("latent_shift", "scale_factor")})
     rng = jax.random.key(int(tc.seed))
 
@@ -172,6 +169,28 @@ class TranslateStage(base.Task):
         "",
         *translation_table(metrics)]
     return base.Result(metrics, {"A / A' / B / |A-B| / |A'-B| (center crops)": fig}, lines)
+
+
+  def _translator_parts(self, trained):
+    """(denoiser module, its EMA params, codec) of a latent_ddpm or joint run."""
+    stage, ema = trained.config.get("stage", ""), trained.run.extras.get("ema")
+    if stage == "joint":  # its EMA denoiser, and its EMA decoder in the ae's encoder-decoder
+      if self.config.ae_from:
+        raise ConfigError("ae_from must be empty with a joint run as ddpm_from: the joint "
+                          "run holds its own fine-tuned decoder")
+      joint = trained.stage
+      ae = joint.ae.with_variables({"params": ema["unetpp"],
+                                    "batch_stats": trained.variables["batch_stats"]["unetpp"]})
+      return joint.model.denoiser, ema["denoiser"], ae
+    if stage != "latent_ddpm":
+      raise ConfigError(f"ddpm_from={self.config.ddpm_from!r} is a stage {stage!r} run; "
+                        f"translate samples with a latent_ddpm or joint run")
+    ae = latent_ddpm.load_codec(trained.config, self.config.ae_from)
+    if ae.latent_channels != int(trained.stage.info.channels):
+      raise ConfigError(f"the ae run {ae.run_dir} has {ae.latent_channels} latent channels, "
+                        f"the latent_ddpm run {trained.run.path} "
+                        f"{trained.stage.info.channels}")
+    return trained.stage.model, ema, ae
 
 
 # ---- shared by every A -> A' translator (this stage, `direct`)
