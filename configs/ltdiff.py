@@ -120,8 +120,8 @@ def ae_config(*, size: str = "paper", data: str = "covid_ct", seed: int = 0,
   c.train.update(dict(batch_size=16, num_epochs=400.0, eval_every=0, log_every=20,
                       checkpoint_every=1000, eval_batch_size=16))
   if size == "small":
-    # 62 train pairs of covid_ct (124 slices of both kernels) at 128 px: 1000 steps of
-    # batch 8 ≈ 65 epochs, ~25 min on 2 CPU cores.
+    # 50 train pairs of covid_ct (100 slices of both kernels) at 128 px: 1000 steps of
+    # batch 8 ≈ 80 epochs, ~30 min on 2 CPU cores.
     c.train.update(dict(num_epochs=0.0, num_steps=1000, batch_size=8, eval_every=500,
                         checkpoint_every=500, log_every=25))
   elif size == "tiny":
@@ -175,7 +175,7 @@ def latent_ddpm_config(*, size: str = "paper", data: str = "covid_ct", seed: int
   c.optim.update(dict(name="adam", lr=1e-4, weight_decay=0.0, schedule="constant"))
   c.train.update(dict(batch_size=16, num_epochs=400.0, eval_every=0, log_every=20,
                       checkpoint_every=1000, eval_batch_size=16))
-  if size == "small":  # 62 train pairs at 128 px: 2000 steps ≈ 500 epochs, ~10 min
+  if size == "small":  # 50 train pairs: 2000 steps of 16 ≈ 640 epochs, ~12 min
     c.ema_decay = 0.999
     c.train.update(dict(num_epochs=0.0, num_steps=2000, eval_every=500,
                         checkpoint_every=500, log_every=25))
