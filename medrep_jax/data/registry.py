@@ -87,6 +87,10 @@ DEFAULTS: dict[str, Any] = dict(
     tfds_data_dir="",         # "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
     tfds_config="",
     normalize="unit",         # build_transforms: "unit", "standardize" or "none"
+    resize_mode="stretch",    # "stretch" to image_size, or "pad" (to square, then resize)
+    color_norm="",            # "" = off, "reinhard" (modified Reinhard, CIELAB; grey: L)
+    color_norm_reference="",  # reference image or folder of images (relative to root)
+    color_norm_stats=(),      # or numbers: mean L, a, b, std L, a, b (grey: mean L, std L)
 )
 
 # Preset fields `data_config` copies into the config: choices of the run, not facts of

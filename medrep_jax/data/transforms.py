@@ -8,17 +8,22 @@ masks "masks" (K, H, W) of `data.mask_combine="stack"`. Whole volumes
 Use them with `grain.MapDataset.source(src).map(t)`. `build_transforms(data_cfg)`
 gives the standard (deterministic) pipeline whose output batches: "image"
 float32 (S, S, C) (or (D, S, S, C)), "mask" uint8 (S, S), "roi" and "masks" when
-the source gives them, "label", "index". Random augmentation is not done here: it
-runs on device inside the compiled train step (`medrep_jax.data.augment`).
+the source gives them, "label", "index"; with `data.resize_mode="pad"` non-square
+images are padded to a square first (aspect ratio kept), and `data.color_norm="reinhard"`
+matches colours to a reference (`medrep_jax.data.color`). Random augmentation is not done
+here: it runs on device inside the compiled train step (`medrep_jax.data.augment`).
 """
 from __future__ import annotations
 
 import dataclasses
+import os
+import pathlib
 from typing import Any, Callable, Sequence
 
 import grain
 import numpy as np
 
+from medrep_jax.data import color
 from medrep_jax.data.imageio import convert_channels, resize_image, resize_mask
 from medrep_jax.data.sources import DataError, Record, window_of
 
@@ -99,6 +104,52 @@ class Resize(grain.transforms.Map):
       if key in element:
         out[key] = _per_plane(np.asarray(element[key]), lambda m: resize_mask(m, hw), 2)
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class PadToSquare(grain.transforms.Map):
+  """Pads the shorter side to a square, centred: the image with 0, masks with 0.
+
+  0 is black for uint8 images, background for "mask"/"masks" and outside the region for
+  "roi". `value` pads float images instead of 0 (an HU window's low end). Put it before
+  `Resize` so non-square images keep their aspect ratio. Volumes are padded in-plane.
+  """
+  value: float = 0.0
+
+  def map(self, element: Record) -> Record:
+    _check_mask(element, "PadToSquare")
+    h, w = _spatial(element, "PadToSquare")[-2:]
+    d = abs(h - w)
+    pads = [(d // 2, d - d // 2), (0, 0)] if h < w else [(0, 0), (d // 2, d - d // 2)]
+    out = dict(element)
+    image = element["image"]
+    out["image"] = np.pad(image, [(0, 0)] * (image.ndim - 3) + pads + [(0, 0)],
+                          constant_values=self.value if image.dtype.kind == "f" else 0)
+    for key in MASK_KEYS:
+      if key in element:
+        m = np.asarray(element[key])
+        out[key] = np.pad(m, [(0, 0)] * (m.ndim - 2) + pads)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ReinhardNormalize(grain.transforms.Map):
+  """Modified Reinhard colour normalization: CIELAB channel means/stds -> `mean`/`std`.
+
+  `mean` and `std` are the reference's (L, a, b) (or (L,): grey images, and colour images
+  matched in lightness only); see `medrep_jax.data.color`. The image keeps its dtype
+  (uint8, or float in [0, 1]); masks are untouched.
+  """
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+
+  def __post_init__(self):
+    if len(self.mean) != len(self.std) or len(self.mean) not in (1, 3):
+      raise DataError(f"ReinhardNormalize needs (L,) or (L, a, b) means and stds, got mean "
+                      f"{self.mean} and std {self.std}")
+
+  def map(self, element: Record) -> Record:
+    return {**element, "image": color.reinhard(element["image"], self.mean, self.std)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,11 +242,63 @@ class CheckShapes(grain.transforms.Map):
     return element
 
 
+def color_norm_transform(data_cfg: Any) -> list[Any]:
+  """[ReinhardNormalize] from `data.color_norm` and its reference, or [] when it is off.
+
+  The reference is `data.color_norm_stats` (mean L, a, b then std L, a, b; or mean L, std
+  L) or `data.color_norm_reference` (an image file, or a folder whose images' statistics
+  are averaged; a relative path is relative to the data root).
+  """
+  mode = str(data_cfg.get("color_norm", ""))
+  reference = str(data_cfg.get("color_norm_reference", ""))
+  stats = tuple(float(v) for v in data_cfg.get("color_norm_stats", ()))
+  if mode not in ("", "reinhard"):
+    raise DataError(f"data.color_norm must be '' (off) or 'reinhard', got {mode!r}")
+  if not mode:
+    if reference or stats:
+      raise DataError("data.color_norm_reference / data.color_norm_stats are set but "
+                      "data.color_norm is ''; set data.color_norm='reinhard'")
+    return []
+  if bool(reference) == bool(stats):
+    raise DataError("data.color_norm='reinhard' needs exactly one of data.color_norm_reference "
+                    "(an image file or a folder of images) and data.color_norm_stats (mean L, "
+                    "a, b then std L, a, b; or mean L, std L)")
+  if stats:
+    if len(stats) not in (2, 6):
+      raise DataError(f"data.color_norm_stats needs 6 numbers (mean L, a, b then std L, a, b) "
+                      f"or 2 (mean L, std L), got {stats}")
+    return [ReinhardNormalize(stats[:len(stats) // 2], stats[len(stats) // 2:])]
+  return [ReinhardNormalize(*color.reference_stats(_reference_path(data_cfg, reference)))]
+
+
+def _reference_path(data_cfg: Any, reference: str) -> pathlib.Path:
+  path = pathlib.Path(os.path.expanduser(reference))
+  if path.is_absolute():
+    return path
+  from medrep_jax.data import registry  # pylint: disable=g-import-not-at-top
+  try:
+    return registry.root_of(data_cfg) / path
+  except (DataError, AttributeError) as e:
+    raise DataError(f"data.color_norm_reference {reference!r} is relative to the data root, "
+                    f"which is unknown ({e}); give an absolute path") from e
+
+
+def resize_transforms(data_cfg: Any, value: float = 0.0) -> list[Any]:
+  """Resize to `data.image_size`; with `data.resize_mode="pad"`, PadToSquare(value) first."""
+  mode = str(data_cfg.get("resize_mode", "stretch"))
+  if mode not in ("stretch", "pad"):
+    raise DataError(f"data.resize_mode must be 'stretch' or 'pad', got {mode!r}")
+  size = int(data_cfg.image_size)
+  return ([PadToSquare(value)] if mode == "pad" else []) + [Resize(size)]
+
+
 def build_transforms(data_cfg: Any) -> list[Any]:
   """Standard host pipeline from a data ConfigDict: the same for train and eval.
 
-  Resize(image_size), ToChannels(channels) when `channels` is set,
-  Normalize(`normalize`) and CheckShapes. Masks ("mask", "roi", "masks") follow the
+  ReinhardNormalize when `color_norm="reinhard"` (on the image as stored, before any
+  padding), PadToSquare when `resize_mode="pad"` (the HU window's low end pads float
+  images with a window, else 0), Resize(image_size), ToChannels(channels) when `channels`
+  is set, Normalize(`normalize`) and CheckShapes. Masks ("mask", "roi", "masks") follow the
   image; whole volumes (`data.volume="whole"`) are resized in-plane and keep their depth
   (volumes of different depths batch only with a batch size of 1). The optional HU window
   `window_level`/`window_width` is Normalize's value_range for float images.
@@ -204,12 +307,13 @@ def build_transforms(data_cfg: Any) -> list[Any]:
   """
   size = int(data_cfg.image_size)
   channels = data_cfg.get("channels", None)
-  out: list[Any] = [Resize(size)]
-  if channels:
-    out.append(ToChannels(int(channels)))
   window = window_of(data_cfg)
   value_range = None if window is None else (window[0] - window[1] / 2,
                                              window[0] + window[1] / 2)
+  out = color_norm_transform(data_cfg)
+  out += resize_transforms(data_cfg, value_range[0] if value_range else 0.0)
+  if channels:
+    out.append(ToChannels(int(channels)))
   out.append(Normalize(mode=str(data_cfg.get("normalize", "unit")), value_range=value_range))
   out.append(CheckShapes(size, int(channels) if channels else None))
   return out

@@ -7,7 +7,9 @@ be written straight to ``metrics.jsonl``.
 Classification: accuracy, macro precision/recall/F1, ROC AUC, ECE and the
 confusion matrix (DCL-CsTP reports ACC, PRE, REC, AUC; CAMContrast reports
 mean AUC of multi-label linear probes). Segmentation: Dice, IoU, HD95 and pixel
-accuracy, optionally only inside a region of interest (``valid``, e.g. a field of view).
+accuracy per image, optionally only inside a region of interest (``valid``, e.g. a field
+of view); and data-set-level mean Dice/IoU, per-class precision/recall and pixel accuracy
+from a confusion matrix accumulated over batches (``confusion_scores``; DSDM, Table 6).
 """
 from __future__ import annotations
 
@@ -16,12 +18,73 @@ from typing import Any, Sequence
 import numpy as np
 
 
-def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
-  """(K, K) int64 counts; rows are true labels, columns are predictions."""
-  labels = np.asarray(labels, np.int64).ravel()
-  preds = np.asarray(preds, np.int64).ravel()
+def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int,
+                     valid: np.ndarray | None = None) -> np.ndarray:
+  """(K, K) int64 counts; rows are true labels, columns are predictions.
+
+  Any shape (class labels, or (N, H, W) label maps); with ``valid`` (the same shape),
+  only entries where it is nonzero count (a field of view). Counts add, so a data set's
+  matrix is the sum of its batches' matrices.
+  """
+  labels = np.asarray(labels, np.int64)
+  preds = np.asarray(preds, np.int64)
+  if labels.shape != preds.shape:
+    raise ValueError(f"labels and preds must have one shape; got {labels.shape}, {preds.shape}")
+  if valid is not None:
+    keep = _valid_region(valid, labels.shape)
+    labels, preds = labels[keep], preds[keep]
+  labels, preds = labels.ravel(), preds.ravel()
+  for name, x in (("labels", labels), ("preds", preds)):
+    if x.size and (x.min() < 0 or x.max() >= num_classes):
+      raise ValueError(f"{name} hold values in [{x.min()}, {x.max()}], outside the "
+                       f"{num_classes} classes [0, {num_classes - 1}]")
   return np.bincount(labels * num_classes + preds,
                      minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def confusion_scores(cm: np.ndarray, include_background: bool = True) -> dict[str, float]:
+  """Segmentation scores of a (K, K) confusion matrix (``confusion_matrix``, summed over
+  batches): every pixel of the data set counts once, not each image equally.
+
+  Per class c, with TP, FP and FN counted from the matrix: Dice = 2TP / (2TP + FP + FN),
+  IoU = TP / (TP + FP + FN), precision = TP / (TP + FP), recall = TP / (TP + FN).
+  Absent classes: a class absent in both target and prediction (TP + FP + FN = 0) has
+  NaN scores and is left out of every mean; a class present in one of them scores 0 where
+  its ratio is 0/0 (precision of a class never predicted, recall of a class not in the
+  target), so missing a class counts against the model.
+
+  Args:
+    cm: (K, K) counts, rows true, columns predicted.
+    include_background: False leaves class 0 out of the means (the per-class values keep it).
+
+  Returns:
+    ``mean_dice``, ``mean_iou``, ``mean_precision``, ``mean_recall`` (means over the
+    classes present; NaN if none), ``accuracy`` (pixel accuracy: trace / total, NaN for
+    an empty matrix) and per class ``dice/c``, ``iou/c``, ``precision/c``, ``recall/c``.
+  """
+  cm = np.asarray(cm, np.float64)
+  if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
+    raise ValueError(f"a confusion matrix is (K, K); got {cm.shape}")
+  tp = np.diag(cm)
+  fp, fn = cm.sum(axis=0) - tp, cm.sum(axis=1) - tp
+  absent = tp + fp + fn == 0
+
+  def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    out = np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+    return np.where(absent, np.nan, out)
+
+  per_class = {"dice": ratio(2 * tp, 2 * tp + fp + fn), "iou": ratio(tp, tp + fp + fn),
+               "precision": ratio(tp, tp + fp), "recall": ratio(tp, tp + fn)}
+  out: dict[str, float] = {}
+  first = 0 if include_background else 1
+  for name, values in per_class.items():
+    kept = values[first:][~np.isnan(values[first:])]
+    out[f"mean_{name}"] = float(kept.mean()) if kept.size else float("nan")
+  total = cm.sum()
+  out["accuracy"] = float(tp.sum() / total) if total else float("nan")
+  for name, values in per_class.items():
+    out.update({f"{name}/{c}": float(v) for c, v in enumerate(values)})
+  return out
 
 
 def average_ranks(x: np.ndarray) -> np.ndarray:
