@@ -260,3 +260,6 @@ def test_joint_step_trains_denoiser_and_decoder_not_the_encoder(pipeline_dir, tm
   c.joint.lam = -1.0
   with pytest.raises(config_lib.ConfigError, match="joint.lam"):
     methods.load_method(c)
+  c.joint.lam, c.ddpm_from = 1.0, ""
+  with pytest.raises(config_lib.ConfigError, match="ddpm_from is empty"):
+    methods.load_method(c).model  # pylint: disable=expression-not-assigned

@@ -70,9 +70,6 @@ class JointStage(base.EMAParams, base.Method):
 
   def __init__(self, config, workdir=None, mesh=None):
     super().__init__(config, workdir, mesh)
-    if not config.ddpm_from:
-      raise ConfigError("ddpm_from is empty: point it at a finished `ltdiff` stage="
-                        "latent_ddpm run (in the pipeline: 'stage:latent_ddpm')")
     if float(config.joint.lam) < 0:
       raise ConfigError(f"joint.lam must be >= 0, got {config.joint.lam}")
     if not 0.0 <= float(config.ema_decay) < 1.0:
@@ -81,6 +78,9 @@ class JointStage(base.EMAParams, base.Method):
 
   @functools.cached_property
   def ddpm(self) -> methods.Trained:
+    if not self.config.ddpm_from:
+      raise ConfigError("ddpm_from is empty: point it at a finished `ltdiff` stage="
+                        "latent_ddpm run (in the pipeline: 'stage:latent_ddpm')")
     trained = methods.load_trained(self.config.ddpm_from, method="ltdiff",
                                    stage="latent_ddpm")
     if latent_ddpm.check_space(trained.config) != "latent":
