@@ -96,6 +96,13 @@ def _stage_config(stage: str, size: str, data: str, seed: int) -> mlc.ConfigDict
   return c
 
 
+def _adam_schedule(c: mlc.ConfigDict, num_epochs: float) -> None:
+  """Adam, lr 1e-4, constant (Sec. III-C: every phase), batch 16, `num_epochs` epochs."""
+  c.optim.update(dict(name="adam", lr=1e-4, weight_decay=0.0, schedule="constant"))
+  c.train.update(dict(batch_size=16, num_epochs=num_epochs, eval_every=0, log_every=20,
+                      checkpoint_every=1000, eval_batch_size=16))
+
+
 def ae_config(*, size: str = "paper", data: str = "covid_ct", seed: int = 0,
               stage: str = "ae") -> mlc.ConfigDict:
   """Phase 1: the UNet++ reconstructs every slice of both kernels (Sec. III-A, III-C).
@@ -116,9 +123,7 @@ def ae_config(*, size: str = "paper", data: str = "covid_ct", seed: int = 0,
   c.eval = mlc.ConfigDict(dict(figure_slices=6))  # slices in the report's figure
   if stage == "direct":  # > 0: translate that many eval pairs at the end (spread as
     c.eval.translate_slices = 0  # translate.max_slices spreads them), 0 = all
-  c.optim.update(dict(name="adam", lr=1e-4, weight_decay=0.0, schedule="constant"))
-  c.train.update(dict(batch_size=16, num_epochs=400.0, eval_every=0, log_every=20,
-                      checkpoint_every=1000, eval_batch_size=16))
+  _adam_schedule(c, num_epochs=400.0)
   if size == "small":
     # 50 train pairs of covid_ct (100 slices of both kernels) at 128 px: 1000 steps of
     # batch 8 ≈ 80 epochs, ~30 min on 2 CPU cores.
@@ -172,9 +177,7 @@ def latent_ddpm_config(*, size: str = "paper", data: str = "covid_ct", seed: int
                                     parameterization="eps"))
   c.latent_norm = True  # z' = (z - per-channel mean) / std of the first batch
   c.ema_decay = 0.9999
-  c.optim.update(dict(name="adam", lr=1e-4, weight_decay=0.0, schedule="constant"))
-  c.train.update(dict(batch_size=16, num_epochs=400.0, eval_every=0, log_every=20,
-                      checkpoint_every=1000, eval_batch_size=16))
+  _adam_schedule(c, num_epochs=400.0)
   if size == "small":  # 50 train pairs: 2000 steps of 16 ≈ 640 epochs, ~12 min
     c.ema_decay = 0.999
     c.train.update(dict(num_epochs=0.0, num_steps=2000, eval_every=500,
@@ -197,9 +200,7 @@ def joint_config(*, size: str = "paper", data: str = "covid_ct",
   # 1e-4): λ = 100 puts the image term on the latent term's scale.
   c.joint = mlc.ConfigDict(dict(lam=100.0, t_star=500))
   c.ema_decay = 0.999
-  c.optim.update(dict(name="adam", lr=1e-4, weight_decay=0.0, schedule="constant"))
-  c.train.update(dict(batch_size=16, num_epochs=50.0, eval_every=0, log_every=20,
-                      checkpoint_every=1000, eval_batch_size=16))
+  _adam_schedule(c, num_epochs=50.0)
   if size == "small":
     c.train.update(dict(num_epochs=0.0, num_steps=300, batch_size=8, eval_every=150,
                         checkpoint_every=150, log_every=25))
