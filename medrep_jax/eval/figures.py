@@ -254,3 +254,49 @@ def paired_bar_figure(groups: Mapping[str, Mapping[str, Sequence[float]]],
     fig.suptitle(title, fontsize=10, y=0.995)
   fig.tight_layout(rect=(0, 0, 1, 0.92))
   return _save(fig, path, dpi)
+
+
+def probe_heatmap_figure(grid: np.ndarray, blocks: Sequence[str], timesteps: Sequence[float],
+                         path: str | os.PathLike, title: str | None = None,
+                         label: str = "mIoU", dpi: int = 100) -> str:
+  """Heatmap of probe scores over decoder blocks x diffusion timesteps (DSDM Fig. 3).
+
+  Args:
+    grid: (len(blocks), len(timesteps)) scores, e.g. ``feature_probe.probe_grid``'s
+      test mIoU; NaN cells are left blank and annotated "-".
+    blocks: row labels (y axis).
+    timesteps: column labels (x axis).
+    path: output PNG path.
+    title: optional axes title.
+    label: colorbar label.
+    dpi: resolution.
+
+  Returns:
+    The path written.
+  """
+  grid = np.asarray(grid, np.float64)
+  if grid.shape != (len(blocks), len(timesteps)):
+    raise ValueError(f"grid must be (len(blocks), len(timesteps)) = "
+                     f"({len(blocks)}, {len(timesteps)}); got {grid.shape}")
+  rows, cols = grid.shape
+  fig = Figure(figsize=(max(4.0, 0.6 * cols + 2.2), max(3.0, 0.4 * rows + 1.6)))
+  ax = fig.subplots()
+  finite = grid[np.isfinite(grid)]
+  lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+  im = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", aspect="auto", vmin=lo,
+                 vmax=hi if hi > lo else lo + 1e-6)
+  fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).set_label(label)
+  ax.set_xticks(range(cols), labels=[str(t) for t in timesteps], fontsize=8)
+  ax.set_yticks(range(rows), labels=[str(b) for b in blocks], fontsize=8)
+  ax.set_xlabel("diffusion timestep t")
+  ax.set_ylabel("block")
+  mid = (lo + hi) / 2
+  for i in range(rows):
+    for j in range(cols):
+      v = grid[i, j]
+      ax.text(j, i, f"{v:.2f}" if np.isfinite(v) else "-", ha="center", va="center",
+              fontsize=7, color="white" if np.isfinite(v) and v <= mid else "black")
+  if title:
+    ax.set_title(title, fontsize=10)
+  fig.tight_layout()
+  return _save(fig, path, dpi)

@@ -15,23 +15,42 @@ set, and then its call argument is required):
 * ``num_classes``: class label y added to the time embedding; index
   ``num_classes`` is the null label of classifier-free guidance.
 * ``spade_channels``: semantic map injected by SPADE in every up-path
-  ResBlock (DSDM Sec. III-B2; Park et al., 2019). Null condition: all zeros.
+  ResBlock (DSDM Sec. III-B2; Park et al., 2019) and, with ``spade_mid``, in
+  the two middle ResBlocks too (as SDM, Wang et al., 2022, the backbone DSDM
+  cites). Null condition: all zeros.
 * ``context_dim``: cross-attention to a sequence (B, L, context_dim) at the
   attention resolutions (LDM eq. 3).
 * ``ref_embed_dim``: DSDM's MCAA (paper 004, eq. 10-11): a reference
   embedding (B, n) mapped by a per-resolution Psi_FC to tokens that are the
-  keys/values of cross-attention at the attention resolutions. Null: zeros.
+  keys/values of cross-attention at ``ref_attention_resolutions`` (default:
+  the attention resolutions) and in the middle iff ``mid_attention``.
+  Null: zeros.
 * ``concat_channels``: a latent concatenated to x_t at the input (LTDiff++,
   paper 003: the denoiser of Z_B is conditioned on Z_A by concatenation).
+* ``fusion``: external decoder features ``fused`` (DSDM's segmentation net,
+  paper 004 Sec. IV-C2: features of the frozen DSDM) enter the up-path blocks
+  ``fusion_blocks`` by cross-attention ("caa") or a 1x1-conv skip ("skip").
+
+Decoder blocks: ``dec_i`` (1-based, deepest first; ``decoder_blocks``) is the
+output of up-path block i (ResBlock ``up_{l}_{b}`` + its attention + fusion)
+BEFORE the level's upsampling. ADM/SDM's code numbers the same blocks
+``output_blocks[k]``, 0-based: ``output_blocks[k]`` is ``dec_{k+1}`` (so the
+DSDM paper's "blocks 6-10", read as SDM indices, are dec_7..dec_11). ADM puts
+the upsampling inside the last block of every level but level 0, so that
+block's output has twice the resolution (and the upsample conv) of dec_{k+1}.
 
 Parameter names (top level): ``time_embed``, ``label_embed``, ``input_conv``,
 ``down_{l}_{b}`` (ResBlock b of level l), ``down_{l}_downsample``,
 ``mid_0``/``mid_1``, ``up_{l}_{b}``, ``up_{l}_upsample``, ``out_norm``,
 ``out_conv``; attention layers append ``_attn`` (self), ``_xattn`` (context)
 and ``_ref_xattn`` (MCAA) to their block's name (``mid`` in the middle);
-Psi_FC layers are ``ref_fc_ds{ds}``. Up-path ResBlocks name their norms
-``spade_in``/``spade_out`` with SPADE and ``norm_in``/``norm_out`` without,
-so a GroupNorm UNet (DSDM's segmentation stage) shares every other path.
+Psi_FC layers are ``ref_fc_ds{ds}``; fusion layers are ``up_{l}_{b}_caa``
+(``AttentionBlock``) or ``up_{l}_{b}_skip`` (1x1 conv). ResBlocks name their
+norms ``spade_in``/``spade_out`` with SPADE and ``norm_in``/``norm_out``
+without, so a GroupNorm UNet (DSDM's segmentation stage: spade_channels=0,
+ref_embed_dim=0, the other attributes equal) has every path of the SPADE+MCAA
+UNet except the SPADE, MCAA (``*_ref_xattn``, ``ref_fc_ds*``) and, when the
+channels differ, ``out_conv`` ones, with the same shapes.
 """
 from __future__ import annotations
 
@@ -45,6 +64,9 @@ from medrep_jax.models.attention import AttentionBlock
 from medrep_jax.models.conditioning import (ReferenceTokens, ResBlock,
                                             TimestepEmbedding, conv,
                                             group_norm, upsample_nearest)
+from medrep_jax.models.feature_fusion import (DecoderBlock, check_fusion,  # noqa: F401
+                                              decoder_block_names,
+                                              decoder_blocks, fuse)
 from medrep_jax.models.resnet import Dtype
 
 
@@ -90,6 +112,20 @@ class DiffusionUNet(nn.Module):
     attention_impl: ``jax.nn.dot_product_attention`` implementation.
     remat: recompute each ResBlock's activations in the backward pass
       (``nn.remat``): less memory for about one more forward pass.
+    spade_mid: with ``spade_channels`` > 0, SPADE also in the middle
+      ResBlocks ``mid_0``/``mid_1`` (SDM); ignored when spade_channels is 0.
+    ref_attention_resolutions: the downsample factors with MCAA (each a
+      level's 2**l); None means ``attention_resolutions``. A factor without
+      self-attention gets the MCAA block alone. The middle block has MCAA
+      iff ``mid_attention``, whatever this says. Ignored without
+      ``ref_embed_dim``.
+    fusion: "none", or how the ``fused`` features enter ``fusion_blocks``:
+      "caa" (paper 004 Sec. IV-C2): ``AttentionBlock`` with queries from the
+      block's features, keys/values from the fused feature's h*w tokens;
+      "skip" (its ablation): ``h + conv1x1(f)``. Both have zero-initialized
+      outputs, so fresh fusion layers are the identity.
+    fusion_blocks: names ``dec_i`` of the fused up-path blocks (see
+      ``decoder_blocks``).
   """
   out_channels: int
   learned_variance: bool = False
@@ -115,6 +151,10 @@ class DiffusionUNet(nn.Module):
   dtype: Dtype = jnp.float32
   attention_impl: str | None = None
   remat: bool = False
+  spade_mid: bool = False
+  ref_attention_resolutions: Sequence[int] | None = None
+  fusion: str = "none"
+  fusion_blocks: Sequence[str] = ()
 
   def _res(self, width: int, name: str, spade: bool = False,
            updown: str = "none") -> ResBlock:
@@ -171,6 +211,7 @@ class DiffusionUNet(nn.Module):
                context: jnp.ndarray | None = None,
                ref_embed: jnp.ndarray | None = None,
                concat: jnp.ndarray | None = None,
+               fused: Mapping[str, jnp.ndarray] | None = None,
                train: bool = False, return_features: bool = False):
     """Predicts eps (and v) for x_t at timesteps t.
 
@@ -183,22 +224,37 @@ class DiffusionUNet(nn.Module):
       context: cross-attention sequence (B, L, context_dim).
       ref_embed: reference-image embedding (B, ref_embed_dim); zeros = null.
       concat: latent (B, H, W, concat_channels) concatenated to x_t.
+      fused: {"dec_i": (B, h_i, w_i, C_f)} external features for the
+        ``fusion_blocks`` (e.g. another DiffusionUNet's ``return_features``
+        dict; other names are ignored); None when fusion is "none".
       train: enables dropout.
       return_features: also return the decoder features.
 
     Returns:
       float32 (B, H, W, out_channels * (2 if learned_variance else 1)); with
       ``return_features``, ``(output, {"dec_1": ..., "dec_N": ...})`` where
-      dec_i is the output of the i-th up-path block (ResBlock + attention),
-      deepest first, before any upsampling, in the compute dtype.
+      dec_i is the output of the i-th up-path block (ResBlock + attention
+      + fusion), deepest first, before any upsampling, in the compute dtype.
 
     Raises:
       ValueError: a conditioning input is missing for an enabled attribute,
-        given for a disabled one, or has the wrong shape; x or t malformed.
+        given for a disabled one, or has the wrong shape; x or t malformed;
+        a bad fusion setting, fusion block name or fused feature (the message
+        names the block and shapes); ref_attention_resolutions not levels.
     """
     conds = dict(y=y, spatial_cond=spatial_cond, context=context,
                  ref_embed=ref_embed, concat=concat)
     t = self._check_inputs(x, t, conds)
+    check_fusion(self.fusion, self.fusion_blocks, self.channel_mult,
+                 self.num_res_blocks, x.shape, fused)
+    attn_res = tuple(self.attention_resolutions)
+    ref_res = attn_res
+    if self.ref_attention_resolutions is not None:
+      ref_res = tuple(self.ref_attention_resolutions)
+      levels = [2 ** l for l in range(len(self.channel_mult))]
+      if not set(ref_res) <= set(levels):
+        raise ValueError(f"DiffusionUNet ref_attention_resolutions={ref_res} must be "
+                         f"downsample factors of its levels {levels}")
     emb_dim = 4 * self.base_width
     emb = TimestepEmbedding(emb_dim, self.base_width, self.dtype,
                             name="time_embed")(t)
@@ -210,15 +266,16 @@ class DiffusionUNet(nn.Module):
 
     ref_tokens: dict[int, jnp.ndarray] = {}
 
-    def attend(h: jnp.ndarray, name: str, ds: int, enabled: bool) -> jnp.ndarray:
-      if not enabled:
-        return h
-      block = functools.partial(AttentionBlock, self.num_heads, self.head_dim,
-                                self.norm_groups, self.dtype, self.attention_impl)
-      h = block(name=f"{name}_attn")(h)
-      if self.context_dim:
-        h = block(name=f"{name}_xattn")(h, context)
-      if self.ref_embed_dim:
+    block = functools.partial(AttentionBlock, self.num_heads, self.head_dim,
+                              self.norm_groups, self.dtype, self.attention_impl)
+
+    def attend(h: jnp.ndarray, name: str, ds: int, attn: bool,
+               mcaa: bool) -> jnp.ndarray:
+      if attn:
+        h = block(name=f"{name}_attn")(h)
+        if self.context_dim:
+          h = block(name=f"{name}_xattn")(h, context)
+      if mcaa and self.ref_embed_dim:
         if ds not in ref_tokens:  # One Psi_FC per resolution (eq. 10).
           n = self.ref_num_tokens or h.shape[1] * h.shape[2]
           ref_tokens[ds] = ReferenceTokens(n, self.ref_token_dim, self.dtype,
@@ -230,10 +287,10 @@ class DiffusionUNet(nn.Module):
     skips = [h]
     last = len(self.channel_mult) - 1
     for level, mult in enumerate(self.channel_mult):
-      ds, attn = 2 ** level, 2 ** level in self.attention_resolutions
+      ds = 2 ** level
       for i in range(self.num_res_blocks):
         h = self._res(self.base_width * mult, f"down_{level}_{i}")(h, emb, None, train)
-        h = attend(h, f"down_{level}_{i}", ds, attn)
+        h = attend(h, f"down_{level}_{i}", ds, ds in attn_res, ds in ref_res)
         skips.append(h)
       if level != last:
         name = f"down_{level}_downsample"
@@ -243,29 +300,33 @@ class DiffusionUNet(nn.Module):
           h = conv(h.shape[-1], self.dtype, name, strides=2)(h)
         skips.append(h)
 
-    width = h.shape[-1]
-    h = self._res(width, "mid_0")(h, emb, None, train)
-    h = attend(h, "mid", 2 ** last, self.mid_attention)
-    h = self._res(width, "mid_1")(h, emb, None, train)
-
     segmap = spatial_cond
     if segmap is not None:
       segmap = segmap.astype(self.dtype)
+    width, spade = h.shape[-1], bool(self.spade_channels)
+    h = self._res(width, "mid_0", spade=spade and self.spade_mid)(h, emb, segmap, train)
+    h = attend(h, "mid", 2 ** last, self.mid_attention, self.mid_attention)
+    h = self._res(width, "mid_1", spade=spade and self.spade_mid)(h, emb, segmap, train)
+
     features = {}
     for level in reversed(range(len(self.channel_mult))):
-      ds, attn = 2 ** level, 2 ** level in self.attention_resolutions
+      ds = 2 ** level
       out_width = self.base_width * self.channel_mult[level]
       for i in range(self.num_res_blocks + 1):
+        name, dec = f"up_{level}_{i}", f"dec_{len(features) + 1}"
         h = jnp.concatenate([h, skips.pop()], axis=-1)
-        h = self._res(out_width, f"up_{level}_{i}", spade=bool(self.spade_channels))(
-            h, emb, segmap, train)
-        h = attend(h, f"up_{level}_{i}", ds, attn)
-        features[f"dec_{len(features) + 1}"] = h
+        h = self._res(out_width, name, spade=spade)(h, emb, segmap, train)
+        h = attend(h, name, ds, ds in attn_res, ds in ref_res)
+        if self.fusion != "none" and dec in self.fusion_blocks:
+          h = fuse(h, fused[dec], self.fusion, name, num_heads=self.num_heads,
+                   head_dim=self.head_dim, max_groups=self.norm_groups,
+                   dtype=self.dtype, implementation=self.attention_impl)
+        features[dec] = h
       if level:
         name = f"up_{level}_upsample"
         if self.resblock_updown:
-          h = self._res(out_width, name, spade=bool(self.spade_channels),
-                        updown="up")(h, emb, segmap, train)
+          h = self._res(out_width, name, spade=spade, updown="up")(
+              h, emb, segmap, train)
         else:
           h = conv(out_width, self.dtype, name)(upsample_nearest(h))
 
