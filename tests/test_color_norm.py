@@ -193,3 +193,16 @@ def test_pad_uses_the_window_low_end_for_hu_images():
   out = T.apply_transforms(rec, T.build_transforms(cfg))["image"][..., 0]
   np.testing.assert_allclose(out[:, :2], 0.0)  # the padding is black after windowing
   np.testing.assert_allclose(out[:, 2:8], 0.5)
+
+
+def test_a_folder_mixing_grey_and_colour_gives_l_only_statistics(tmp_path):
+  """BUSI stores some grey scans as RGB: the reference is then the mean L statistics."""
+  rgb, grey = _image(4, 50, 150), _image(5, 100, 220)[..., :1]
+  (tmp_path / "ref").mkdir()
+  _png(tmp_path / "ref" / "a.png", rgb)
+  _png(tmp_path / "ref" / "b.png", grey)
+  (ma, sa), (mb, sb) = color.lab_stats(rgb), color.lab_stats(grey)
+  mean, std = color.reference_stats(tmp_path / "ref")
+  assert len(mean) == len(std) == 1
+  np.testing.assert_allclose(mean, (ma[:1] + mb) / 2, atol=1e-9)
+  np.testing.assert_allclose(std, (sa[:1] + sb) / 2, atol=1e-9)

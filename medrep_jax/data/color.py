@@ -145,9 +145,12 @@ def reinhard(image: np.ndarray, mean: Sequence[float], std: Sequence[float],
 def reference_stats(path: str | os.PathLike) -> tuple[tuple[float, ...], tuple[float, ...]]:
   """(mean, std) of a reference image file, or averaged over a folder's images.
 
+  A folder that mixes grey and colour images (BUSI stores some grey scans as RGB) gives
+  L-only statistics, the L of every image, which is what a grey dataset is matched to.
+
   Raises:
     DataError: naming `data.color_norm_reference` and the path when it is missing, holds
-      no image, cannot be decoded, or mixes grey and colour images.
+      no image, or cannot be decoded.
   """
   p = pathlib.Path(path)
   if not p.exists():
@@ -171,9 +174,8 @@ def _cached_stats(path: str, mtime_ns: int) -> tuple[tuple[float, ...], tuple[fl
     except DataError as e:
       raise DataError(f"data.color_norm_reference: {e}") from e
     stats.append(lab_stats(image, f"data.color_norm_reference {f}"))
-  if len({m.size for m, _ in stats}) > 1:
-    raise DataError(f"data.color_norm_reference: the folder {p} mixes grey and colour "
-                    "images; use a folder of one kind")
+  if len({m.size for m, _ in stats}) > 1:  # grey and colour: L only
+    stats = [(m[:1], s[:1]) for m, s in stats]
   mean = np.mean([m for m, _ in stats], axis=0)
   std = np.mean([s for _, s in stats], axis=0)
   return tuple(map(float, mean)), tuple(map(float, std))

@@ -29,6 +29,7 @@ import jax
 import numpy as np
 import optax
 
+from medrep_jax.config_lib import ConfigError
 from medrep_jax.core import mesh as mesh_lib
 from medrep_jax.core import optim
 from medrep_jax.core.state import TrainState
@@ -213,7 +214,13 @@ class EMAParams:
 
   ema = decay * ema + (1 - decay) * params with decay = `config.ema_decay`
   (`optax.incremental_update`); the method puts the first copy in `extras["ema"]`.
+  Construction checks `config.ema_decay` (a ConfigError outside [0, 1)).
   """
+
+  def __init__(self, config, workdir=None, mesh=None):
+    super().__init__(config, workdir, mesh)
+    if not 0.0 <= float(config.ema_decay) < 1.0:
+      raise ConfigError(f"ema_decay must be in [0, 1), got {config.ema_decay}")
 
   def train_step(self, state, batch, rng):
     state, metrics = super().train_step(state, batch, rng)

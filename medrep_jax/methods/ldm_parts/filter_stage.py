@@ -8,6 +8,8 @@ The dual-stream paper picked good synthetic images by hand. This stage scores ea
       nearest-neighbour distances, times `copy_factor`, and is always rejected.
 Of the rest, the most realistic `keep_fraction` are kept and written to
 WORKDIR/images/synthetic/ (an `image_folder` dataset), with scores.csv and a figure.
+A method whose synthetic data has another layout overrides `synthetic_source` and
+`write_accepted` (DSDM keeps each image's mask).
 """
 from __future__ import annotations
 
@@ -60,13 +62,28 @@ def memorization(fake: np.ndarray, real: np.ndarray, *, copy_quantile: float,
 class FilterStage(base.Task):
   """Scores, filters and writes the accepted synthetic images."""
 
+  # ---- what a method with another synthetic layout overrides (DSDM: image+mask pairs)
+  def synthetic_source(self):
+    """The synthetic pool: a source with `.paths` or `.image_paths` (an `image_folder`
+    here)."""
+    return readers.ImageFolder(self.config.synthetic_dir, "all", channels=self.channels)
+
+  def write_accepted(self, records: dict[str, np.ndarray], accepted: np.ndarray) -> None:
+    """Writes the accepted records under WORKDIR/images."""
+    arrays.write_image_folder(records["image"][accepted], self.workdir / "images")
+
+  def feature_net_path(self) -> str:
+    c = self.config
+    return c.eval.feature_net_path or c.vae_from
+
   def run(self) -> base.Result:
     c, f, workdir = self.config, self.config.filter, self.workdir
     tfs = self.transforms("train")
-    synth_src = readers.ImageFolder(c.synthetic_dir, "all", channels=self.channels)
-    fake = loader.collect(synth_src, tfs)["image"]
+    synth_src = self.synthetic_source()
+    records = loader.collect(synth_src, tfs)
+    fake = records["image"]
     real = loader.collect(self.make_source("train"), tfs, limit=int(f.max_real))["image"]
-    net = methods.feature_net(c.eval.feature_net, c.eval.feature_net_path or c.vae_from)
+    net = methods.feature_net(c.eval.feature_net, self.feature_net_path())
     f_fake, f_real = net(fake), net(real)
     realism = realism_scores(f_fake, f_real, int(f.k))
     nn_dist, nn_idx, threshold = memorization(fake, real, copy_quantile=float(f.copy_quantile),
@@ -76,7 +93,7 @@ class FilterStage(base.Task):
     n_keep = min(int(round(float(f.keep_fraction) * len(fake))), int((~copy).sum()))
     accepted = np.zeros(len(fake), bool)
     accepted[order[:n_keep]] = True
-    arrays.write_image_folder(fake[accepted], workdir / "images")
+    self.write_accepted(records, accepted)
     self._write_scores(workdir / "scores.csv", synth_src, realism, nn_dist, copy, accepted)
     fig = self._figure(workdir, fake, real, realism, nn_dist, nn_idx, copy, accepted)
     result = {"num_synthetic": len(fake), "num_accepted": int(accepted.sum()),
@@ -94,11 +111,12 @@ class FilterStage(base.Task):
 
   @staticmethod
   def _write_scores(path, source, realism, nn_dist, copy, accepted):
+    paths = getattr(source, "paths", None) or source.image_paths
     with open(path, "w", newline="") as fh:
       w = csv.writer(fh)
       w.writerow(["file", "realism_knn_dist", "nn_train_pixel_dist", "near_copy", "accepted"])
       for i in range(len(realism)):
-        w.writerow([source.paths[i], f"{realism[i]:.5f}",
+        w.writerow([paths[i], f"{realism[i]:.5f}",
                     f"{nn_dist[i]:.5f}", int(copy[i]), int(accepted[i])])
 
   @staticmethod

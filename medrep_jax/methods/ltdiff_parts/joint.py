@@ -72,8 +72,6 @@ class JointStage(base.EMAParams, base.Method):
     super().__init__(config, workdir, mesh)
     if float(config.joint.lam) < 0:
       raise ConfigError(f"joint.lam must be >= 0, got {config.joint.lam}")
-    if not 0.0 <= float(config.ema_decay) < 1.0:
-      raise ConfigError(f"ema_decay must be in [0, 1), got {config.ema_decay}")
     data_lib.window(config.data)
 
   @functools.cached_property

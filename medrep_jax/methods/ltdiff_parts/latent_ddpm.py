@@ -212,8 +212,6 @@ class LatentDDPMStage(base.EMAParams, base.Method):
       self.sched = diffusion.make_schedule(str(d.schedule), int(d.num_timesteps))
     except ValueError as e:
       raise ConfigError(f"diffusion.schedule: {e}") from e
-    if not 0.0 <= float(config.ema_decay) < 1.0:
-      raise ConfigError(f"ema_decay must be in [0, 1), got {config.ema_decay}")
     data_lib.window(config.data)
     check_space(config)
 

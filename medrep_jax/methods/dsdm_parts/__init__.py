@@ -1,0 +1,1 @@
+"""The stages of the `dsdm` method (see `medrep_jax/methods/dsdm.py`)."""
