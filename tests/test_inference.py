@@ -285,9 +285,9 @@ def test_load_is_lazy():
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("ldm")  # shares test_ldm's / test_cli's tiny_run("ldm")
+@pytest.mark.xdist_group("pipeline_dcl_cstp")  # the ldm stages of test_cli's tiny run
 def test_sample_from_the_latent_diffusion_run(tiny_run):
-  model = medrep_jax.load(tiny_run("ldm") / "unet")
+  model = medrep_jax.load(tiny_run("pipeline_dcl_cstp") / "unet")
   assert model.supports == ("sample",)
   images = model.sample(3, num_steps=2)
   assert images.shape == (3, 16, 16, 1) and images.min() >= 0 and images.max() <= 1

@@ -52,9 +52,9 @@ def test_array_source_save_load(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("ldm")  # same worker as test_cli's ldm run: one tiny_run("ldm")
+@pytest.mark.xdist_group("pipeline_dcl_cstp")  # the ldm stages of test_cli's tiny run
 def test_tiny_pipeline_writes_every_stage_output(tiny_run):
-  root = tiny_run("ldm")
+  root = tiny_run("pipeline_dcl_cstp")
   vae = [json.loads(l) for l in (root / "vae" / "metrics.jsonl").read_text().splitlines()]
   assert any("eval/psnr" in r for r in vae)
   assert (root / "vae" / "figures" / "reconstructions.png").exists()
