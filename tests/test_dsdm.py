@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+import medrep_jax
 from medrep_jax import config_lib, methods
 from medrep_jax.core import runs
 from medrep_jax.data import readers
@@ -116,6 +117,9 @@ def test_pipeline_runs_end_to_end_and_writes_its_datasets(pipeline_dir):
   m = json.loads((pipeline_dir / "seg" / "done.json").read_text())
   for key in ("mean_dice", "mean_iou", "mean_precision", "mean_recall", "accuracy"):
     assert 0.0 <= m[f"eval/{key}"] <= 1.0, key
+  model = medrep_jax.load(pipeline_dir / "seg")  # the frozen DSDM travels in the run
+  masks = model.predict(np.random.default_rng(0).integers(0, 255, (2, 16, 16), np.uint8))
+  assert masks.shape == (2, 16, 16) and masks.max() < 3
   grid = np.load(pipeline_dir / "probe" / "probe_grid.npy")
   assert grid.shape == (4, 2) and np.all((grid >= 0) & (grid <= 1))
   for fig in ("generator/figures/samples.png", "sample/figures/samples.png",
