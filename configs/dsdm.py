@@ -42,7 +42,7 @@ Variant args:
   variant=uncond|mask|reference|mask_reference  (Table 1's rows)
   guidance_scale=<float>  (s of eq. 17; 0 = Table 2's "no guidance" row)
   color_norm=True|False  (modified Reinhard in CIELAB, grey images: L; Table 2)
-  size=paper|small|tiny  (small: 64 px and a 4-level UNet of width 32 for a 2-core CPU;
+  size=paper|small|tiny  (small: 32 px and a 3-level UNet of width 32 for a 2-core CPU;
         tiny: 16 px, 2 steps, tests)
   data=busi  (busi_256: background / benign / malignant masks; any image+mask preset)
   seed=<int>
@@ -63,12 +63,12 @@ CHOICES = dict(stage=STAGES, variant=VARIANTS, size=("paper", "small", "tiny"),
                data=registry.PRESETS, fusion=("caa", "skip", "none"))
 # Decoder blocks whose DSDM features the segmentation net takes (see the docstring).
 FUSION_BLOCKS = {"paper": ("dec_7", "dec_8", "dec_9", "dec_10", "dec_11"),
-                 "small": ("dec_3", "dec_4", "dec_5", "dec_6"),
+                 "small": ("dec_3", "dec_4", "dec_5"),
                  "tiny": ("dec_2", "dec_3")}
 PROBE_TIMESTEPS = {"paper": (99, 199, 299, 399, 499, 599, 699, 799, 899, 999),
                    "small": (50, 100, 200, 400, 600, 800),
                    "tiny": (5, 25)}
-IMAGE_SIZE = {"paper": 256, "small": 64, "tiny": 16}
+IMAGE_SIZE = {"paper": 256, "small": 32, "tiny": 16}
 
 # The generator U-Net per size (DiffusionUNet attributes; see models/diffusion_unet.py).
 UNETS = {
@@ -76,9 +76,11 @@ UNETS = {
     "paper": dict(size="small", base_width=128, channel_mult=(1, 1, 2, 2, 4, 4),
                   num_res_blocks=2, attention_resolutions=(8, 16, 32), head_dim=64,
                   spade_hidden=128, ref_token_dim=64),
-    # 64 px: 64-32-16-8 maps, attention (and MCAA) at 16 and 8 px.
-    "small": dict(size="small", base_width=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1,
-                  attention_resolutions=(4, 8), head_dim=32, spade_hidden=32,
+    # 32 px: 32-16-8 maps, attention (and MCAA) at 16 and 8 px. (At 64 px with a fourth
+    # level one step takes 5.3 s on one CPU core, docs/results/benchmarks.md: too slow for
+    # the few thousand steps of a CPU experiment.)
+    "small": dict(size="small", base_width=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                  attention_resolutions=(2, 4), head_dim=32, spade_hidden=32,
                   ref_token_dim=32),
     "tiny": dict(size="tiny", base_width=0, channel_mult=(), num_res_blocks=0,
                  attention_resolutions=(), head_dim=0, spade_hidden=0, ref_token_dim=0),
@@ -136,8 +138,10 @@ def generator_config(*, variant: str = "mask_reference", guidance_scale: float =
   c.sample = mlc.ConfigDict(dict(sampler="ddpm", steps=1000, eta=0.0,
                                  guidance_scale=float(guidance_scale), batch_size=16))
   # extra_guidance_scales: the same metrics at more scales s, as `fd@s0` etc. (Table 2).
+  # lpips_weights: an LPIPS-VGG .npz (medrep_jax/eval/lpips.py) adds `lpips_diversity`.
   c.eval = mlc.ConfigDict(dict(num_samples=500, num_boot=50, diversity_masks=50,
-                               diversity_samples=10, extra_guidance_scales=(0.0,)))
+                               diversity_samples=10, extra_guidance_scales=(0.0,),
+                               lpips_weights=""))
   c.optim.update(dict(name="adam", lr=1e-4, weight_decay=0.0, schedule="constant"))
   c.train.update(dict(batch_size=10, num_steps=50_000, eval_every=10_000,
                       checkpoint_every=5_000, eval_split="test"))

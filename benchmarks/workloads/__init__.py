@@ -25,6 +25,11 @@ _REGISTRY: dict[str, tuple[str, Any, str]] = {
     "ltdiff_ddpm": ("ltdiff", "run_ddpm",
                     "LTDiff++ latent DDPM step, Z_B given Z_A by concat (+ torch A/B)"),
     "radiomics": ("ltdiff", "run_radiomics", "LTDiff++ radiomic features per ROI (host NumPy)"),
+    "dsdm_step": ("dsdm", "run_step",
+                  "DSDM generator step: SPADE + MCAA UNet, hybrid loss, Adam, EMA (+ torch A/B)"),
+    "dsdm_ddim": ("dsdm", "run_ddim",
+                  "DSDM guided DDIM-50 sampling (s=3, cond + null in one call) (+ torch A/B, "
+                  "sampler overhead)"),
 }
 NAMES = tuple(_REGISTRY)
 

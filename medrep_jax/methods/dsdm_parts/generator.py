@@ -13,7 +13,9 @@ eval mask with the reference taken from ANOTHER eval image (a fixed derangement;
 image's own reference would leak its content), and reports FD/KID to the eval images in
 the reference encoder's feature space, plus the diversity of `eval.diversity_samples`
 samples of `eval.diversity_masks` masks (mean pairwise feature distance; LPIPS's weights
-cannot be downloaded here).
+cannot be downloaded here, so the paper's LPIPS diversity is reported as
+`lpips_diversity` only when `eval.lpips_weights` names a user-supplied .npz, see
+`eval.lpips`).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from medrep_jax import diffusion
 from medrep_jax.config_lib import ConfigError
 from medrep_jax.data import loader
 from medrep_jax.eval import figures as fig_lib
-from medrep_jax.eval import generative
+from medrep_jax.eval import generative, lpips
 from medrep_jax.methods import base
 from medrep_jax.methods.dsdm_parts import common
 
@@ -197,7 +199,16 @@ class GeneratorStage(base.EMAParams, base.Method):
                          refs=real["ref"][other][pick], num=m * k,
                          seed=int(self.config.seed) + 2, guidance_scale=guidance_scale)
       metrics["diversity"] = diversity(self.embedder(many).reshape(m, k, -1))
+      if self.lpips is not None:  # the paper's LPIPS, with the user's weights
+        metrics["lpips_diversity"] = lpips.diversity_lpips(
+            self.lpips, many.reshape((m, k) + many.shape[1:]))
     return metrics, fake
+
+  @functools.cached_property
+  def lpips(self) -> lpips.LPIPSNet | None:
+    """LPIPS-VGG from `eval.lpips_weights` (an .npz; `eval.lpips`), or None."""
+    path = str(self.config.eval.get("lpips_weights", "") or "")
+    return lpips.load_lpips(path) if path else None
 
   def evaluate_state(self, state, ctx):
     e, real = self.config.eval, self._eval_data()

@@ -45,23 +45,23 @@ class TableStage(base.Task):
     gen = {k: v for k, v in dict(t.generation).items() if v}
     if gen:
       lines += ["## Generation (Tables 1-2)", "",
-                "| row | FD [95% CI] | KID | diversity | paper FID / LPIPS |",
-                "|---|---|---|---|---|"]
+                "| row | FD [95% CI] | KID | diversity | LPIPS diversity | paper FID / LPIPS |",
+                "|---|---|---|---|---|---|"]
       for row in sorted(gen, key=lambda r: (r not in PAPER_GENERATION, r)):
         m = final_metrics(gen[row], row)
         scales = sorted({k.split("@s")[1] for k in m if k.startswith("eval/fd@s")})
         for name, suffix in [(row, "")] + [(f"{row} s={x}", f"@s{x}") for x in scales]:
           get = lambda k: float(m.get(f"eval/{k}{suffix}", float("nan")))
-          fd, lo, hi, kid, div = (get(k) for k in ("fd", "fd_lo", "fd_hi", "kid",
-                                                   "diversity"))
+          fd, lo, hi, kid, div, lp = (get(k) for k in ("fd", "fd_lo", "fd_hi", "kid",
+                                                       "diversity", "lpips_diversity"))
           metrics.update({f"{name}/fd": fd, f"{name}/kid": kid, f"{name}/diversity": div})
           paper = _paper(PAPER_GENERATION, row if not suffix else f"{row}_s0"
                          if suffix == "@s0" else "", ".3g")
           lines.append(f"| {name} | {fd:.4g} [{lo:.4g}, {hi:.4g}] | {kid:.3g} | {div:.3g} | "
-                       f"{paper} |")
+                       f"{'-' if lp != lp else f'{lp:.3g}'} | {paper} |")
       lines += ["", "FD/KID in the reference encoder's feature space (not Inception); "
-                "diversity: mean pairwise feature distance of the samples of one mask (in "
-                "place of LPIPS). The paper's direction: uncond > reference > mask > "
+                "diversity: mean pairwise feature distance of the samples of one mask (LPIPS "
+                "diversity only with user-supplied weights, `eval.lpips_weights`). The paper's direction: uncond > reference > mask > "
                 "mask_reference, and guidance lowers FD.", ""]
     sections = (("Segmentation (Table 5)", t.segmentation, PAPER_SEGMENTATION),
                 ("Synthetic fraction (Fig. 6)", t.synthetic, PAPER_SYNTHETIC))
