@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from medrep_jax.eval import weight_files
 from medrep_jax.models.inception import InceptionV3FID, variable_shapes
 
 FID_SIZE = 299
@@ -58,11 +59,6 @@ def _expected() -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
 
 def _ignored(key: str) -> bool:
   return key.startswith(_IGNORED_PREFIXES) or key.endswith(_IGNORED_SUFFIXES)
-
-
-def _fmt_keys(keys: Sequence[str], limit: int = 5) -> str:
-  more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
-  return ", ".join(keys[:limit]) + more
 
 
 def _read_state_dict(path: pathlib.Path) -> dict[str, np.ndarray]:
@@ -112,18 +108,8 @@ def state_dict_to_variables(state: dict[str, np.ndarray], *, source: str = "stat
     ValueError: listing missing keys, shape mismatches and (strict) unexpected keys.
   """
   expected = _expected()
-  missing = [f"{k} (expected shape {s})" for k, (_, s) in expected.items() if k not in state]
-  mismatched = [f"{k}: expected shape {s}, got {tuple(np.shape(state[k]))}"
-                for k, (_, s) in expected.items()
-                if k in state and tuple(np.shape(state[k])) != s]
-  unexpected = [k for k in state if k not in expected and not _ignored(k)]
-  problems = []
-  if missing:
-    problems.append(f"{len(missing)} missing key(s): {_fmt_keys(missing)}")
-  if mismatched:
-    problems.append(f"{len(mismatched)} shape mismatch(es): {_fmt_keys(mismatched)}")
-  if unexpected and (strict or problems):
-    problems.append(f"{len(unexpected)} unexpected key(s): {_fmt_keys(unexpected)}")
+  problems = weight_files.key_problems(state, {k: s for k, (_, s) in expected.items()},
+                                       strict=strict, ignored=_ignored)
   if problems:
     raise ValueError(f"{source} is not an FID InceptionV3 state dict: "
                      + "; ".join(problems))

@@ -56,7 +56,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from flax import traverse_util
+
+from medrep_jax.eval import weight_files
 
 NET_NAME = "lpips-vgg"
 VGG_BLOCKS = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
@@ -209,11 +212,6 @@ class LPIPS(nn.Module):
 # ------------------------------------------------------------------------------ weights
 
 
-def _fmt_keys(keys: Sequence[str], limit: int = 5) -> str:
-  more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
-  return ", ".join(keys[:limit]) + more
-
-
 def _flat_params(params: Mapping[str, Any]) -> dict[str, Any]:
   """{"vgg": ..., "lin": ...} or {"params": {...}} -> {"vgg/conv1_1/kernel": array, ...}."""
   if "params" in params and "vgg" not in params:
@@ -239,27 +237,17 @@ def validate_params(flat: Mapping[str, Any], *, source: str = "parameters",
       weights with negative entries.
   """
   expected = expected_shapes()
-  missing = [f"{k} (expected shape {s})" for k, s in expected.items() if k not in flat]
-  mismatched = [f"{k}: expected shape {s}, got {tuple(np.shape(flat[k]))}"
-                for k, s in expected.items() if k in flat and tuple(np.shape(flat[k])) != s]
-  unexpected = [k for k in flat if k not in expected]
-  problems = []
-  if missing:
-    problems.append(f"{len(missing)} missing key(s): {_fmt_keys(missing)}")
-  if mismatched:
-    problems.append(f"{len(mismatched)} shape mismatch(es): {_fmt_keys(mismatched)}")
-  if unexpected and (strict or problems):
-    problems.append(f"{len(unexpected)} unexpected key(s): {_fmt_keys(unexpected)}")
+  problems = weight_files.key_problems(flat, expected, strict=strict)
   if not problems:
     arrays = {k: np.asarray(flat[k], np.float32) for k in expected}
     bad = [k for k, v in arrays.items() if not np.isfinite(v).all()]
     if bad:
-      problems.append(f"non-finite values in {_fmt_keys(bad)}")
+      problems.append(f"non-finite values in {weight_files.fmt_keys(bad)}")
     negative = [f"{k} (min {arrays[k].min():.4g})" for k in expected
                 if k.startswith("lin/") and (arrays[k] < 0).any()]
     if negative:
-      problems.append(f"negative lin weight(s) in {_fmt_keys(negative)} (LPIPS lin "
-                      "weights are non-negative)")
+      problems.append(f"negative lin weight(s) in {weight_files.fmt_keys(negative)} "
+                      "(LPIPS lin weights are non-negative)")
   if problems:
     raise ValueError(f"{source} is not an LPIPS-VGG weight file: " + "; ".join(problems))
   return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in arrays.items()})
@@ -320,7 +308,8 @@ def params_from_torch(state: Mapping[str, Any], *, source: str = "state dict"
     flat.setdefault(target, arr)
     origin.setdefault(target, key)
   if problems:
-    raise ValueError(f"{source} is not an LPIPS-VGG state dict: {_fmt_keys(problems)}")
+    raise ValueError(f"{source} is not an LPIPS-VGG state dict: "
+                     f"{weight_files.fmt_keys(problems)}")
   inverse = {f"vgg/conv{b}_{i}/": idx for idx, (b, i) in TORCH_CONV_INDEX.items()}
   missing = []
   for target in expected_shapes():
@@ -333,7 +322,7 @@ def params_from_torch(state: Mapping[str, Any], *, source: str = "state dict"
                        f"{'weight' if leaf == 'kernel' else 'bias'}")
   if missing:
     raise ValueError(f"{source} is not an LPIPS-VGG state dict: {len(missing)} missing "
-                     f"key(s): {_fmt_keys(missing)}")
+                     f"key(s): {weight_files.fmt_keys(missing)}")
   return validate_params(flat, source=source)
 
 
