@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping
 
+import jax
 import numpy as np
 
-from benchmarks import steps
+from benchmarks import steps, torch_ab
 
 SUITES = ("quick", "cpu", "gpu")
 
@@ -93,6 +94,31 @@ def measure_config(config: Any, batch: Mapping[str, np.ndarray], opts: Options, 
     if opts.check:
       record["lowered_matmul_dtypes"] = _dtypes(bench)
   return record
+
+
+def torch_compare(opts: Options, make_factory: Callable[[steps.StepBench, dict], Any], *,
+                  count_params: bool = False) -> Callable[[steps.StepBench, dict], Any]:
+  """The `compare` hook of `measure_config` for an A/B against a PyTorch step.
+
+  `make_factory(bench, record)` builds the torch step factory of `torch_ab.compare`; the
+  rounds alternate it with the JAX step. Without torch (or with `opts.torch` off) the JAX
+  step is timed alone. `count_params` records the JAX parameter count first (as
+  `record["params"]`, with or without torch) for factories that check the torch model's.
+  """
+  def compare(bench: steps.StepBench, record: dict) -> Any:
+    if count_params:
+      record["params"] = sum(leaf.size for leaf in jax.tree.leaves(bench.state.params))
+    if not opts.torch or torch_ab.torch_or_none() is None:
+      return steps.timed(bench, warmup=0, iters=opts.iters(record["probe_s"]))
+    rounds = opts.timing["rounds"]
+    jax_timing, fields = torch_ab.compare(
+        bench, make_factory(bench, record), batch=bench.batch_size, rounds=rounds,
+        iters=torch_ab.iters_per_round(record["probe_s"], opts.timing["budget_s"], rounds),
+        threads=opts.torch_threads, torch_compile=opts.torch_compile)
+    record.update(fields)
+    return jax_timing
+
+  return compare
 
 
 def _dtypes(bench: steps.StepBench) -> dict[str, Any]:

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import flops, steps, torch_ab
-from benchmarks.workloads.common import Options, measure_config, row
+from benchmarks.workloads.common import Options, measure_config, row, torch_compare
 from medrep_jax import config_lib
 from medrep_jax.data.phantoms import Phantoms
 from medrep_jax.data.sources import SourceInfo
@@ -131,19 +131,8 @@ def run_ddpm(opts: Options) -> list[dict[str, Any]]:
   s = opts.size(DDPM)
   c, batch = ddpm_setup(opts)
 
-  def compare(bench: steps.StepBench, record: dict) -> dict:
-    n_params = sum(leaf.size for leaf in jax.tree.leaves(bench.state.params))
-    record["params"] = n_params
-    if not opts.torch or torch_ab.torch_or_none() is None:
-      return steps.timed(bench, warmup=0, iters=opts.iters(record["probe_s"]))
-    rounds = opts.timing["rounds"]
-    jax_timing, fields = torch_ab.compare(
-        bench, ddpm_factory(c, bench.method.model, n_params, batch), batch=bench.batch_size,
-        rounds=rounds,
-        iters=torch_ab.iters_per_round(record["probe_s"], opts.timing["budget_s"], rounds),
-        threads=opts.torch_threads, torch_compile=opts.torch_compile)
-    record.update(fields)
-    return jax_timing
+  compare = torch_compare(opts, lambda bench, record: ddpm_factory(
+      c, bench.method.model, record["params"], batch), count_params=True)
 
   rec = measure_config(c, batch, opts, analytic=ddpm_analytic, compare=compare)
   _, side, _, channels = batch["z_b"].shape
