@@ -22,7 +22,7 @@ import numpy as np
 KINDS = ("vae", "encoder", "inception")
 
 
-def _batched(fn: Callable[[jax.Array], jax.Array], images: np.ndarray,
+def batched(fn: Callable[[jax.Array], jax.Array], images: np.ndarray,
              batch_size: int) -> np.ndarray:
   """Applies a jitted fn in fixed-size batches (the last one padded: one compilation)."""
   n = len(images)
@@ -61,7 +61,7 @@ class ModelFeatures:
     self._fn = jax.jit(lambda x: fn(_resize(x, size)))
 
   def __call__(self, images: np.ndarray) -> np.ndarray:
-    return _batched(self._fn, _match_channels(np.asarray(images, np.float32),
+    return batched(self._fn, _match_channels(np.asarray(images, np.float32),
                                               self.channels), self.batch_size)
 
 

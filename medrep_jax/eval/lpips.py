@@ -59,7 +59,7 @@ import numpy as np
 
 from flax import traverse_util
 
-from medrep_jax.eval import weight_files
+from medrep_jax.eval import feature_nets, weight_files
 
 NET_NAME = "lpips-vgg"
 VGG_BLOCKS = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
@@ -522,13 +522,6 @@ def diversity_lpips(net: LPIPSNet, samples: np.ndarray, *, per_mask: bool = Fals
     raise ValueError(f"diversity_lpips needs (masks >= 1, K >= 2, H, W, C) samples, got "
                      f"{samples.shape}")
   group = min(m, max(1, net.batch_size // k))
-  out = []
-  for start in range(0, m, group):
-    chunk = samples[start:start + group]
-    pad = group - len(chunk)
-    if pad:
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
-    vals = _mean_pairwise(net.module, net.params, jnp.asarray(chunk))
-    out.append(np.asarray(vals)[:group - pad])
-  values = np.concatenate(out).astype(np.float64)
+  values = feature_nets.batched(lambda c: _mean_pairwise(net.module, net.params, c),
+                                samples, group)
   return values if per_mask else float(values.mean())
