@@ -486,12 +486,7 @@ class DDPMTrainStep:
     """Forward, backward, optimizer update (and EMA); returns the (detached) loss."""
     self.optimizer.zero_grad(set_to_none=True)
     loss = self.loss(x0, t, noise, cond)
-    loss.backward()
-    self.optimizer.step()
-    if self.ema is not None:
-      with torch.no_grad():
-        torch._foreach_lerp_(self.ema, self.params, 1.0 - self.ema_decay)  # pylint: disable=protected-access
-    return loss.detach()
+    return _update(self, loss)
 
 
 # ------------------------------------------------------------------ DSDM: hybrid loss, step, DDIM
@@ -661,12 +656,7 @@ class DSDMTrainStep:
     """Forward, backward, Adam update and EMA; returns the (detached) loss."""
     self.optimizer.zero_grad(set_to_none=True)
     loss, _ = self.loss(image, mask, ref, **fixed)
-    loss.backward()
-    self.optimizer.step()
-    if self.ema is not None:
-      with torch.no_grad():
-        torch._foreach_lerp_(self.ema, self.params, 1.0 - self.ema_decay)  # pylint: disable=protected-access
-    return loss.detach()
+    return _update(self, loss)
 
 
 def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
@@ -782,3 +772,14 @@ def load_flax_params(model: DiffusionUNet, params: Mapping[str, Any]) -> None:
     state[name] = torch.from_numpy(np.array(value, np.float32)).reshape(
         tensor.shape)
   model.load_state_dict(state)
+
+
+def _update(step: Any, loss: torch.Tensor) -> torch.Tensor:
+  """Backward, optimizer step and EMA (`step.ema` lerped to `step.params`) of a train step
+  object; returns the detached loss."""
+  loss.backward()
+  step.optimizer.step()
+  if step.ema is not None:
+    with torch.no_grad():
+      torch._foreach_lerp_(step.ema, step.params, 1.0 - step.ema_decay)  # pylint: disable=protected-access
+  return loss.detach()
