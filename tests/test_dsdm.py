@@ -95,6 +95,11 @@ def test_variants_and_missing_runs_give_clear_errors():
     _ = seg.model
   with pytest.raises(config_lib.ConfigError, match="ref_encoder_from is empty"):
     common.ReferenceEmbedder("")
+  # Every variant's eval needs the encoder: the generator fails before training, not after.
+  gen = methods.load_method(dsdm_cfg.get_config(
+      "stage=generator,variant=mask,size=tiny,data=phantoms"))
+  with pytest.raises(config_lib.ConfigError, match="ref_encoder_from is empty"):
+    gen.make_source("train")
   with pytest.raises(config_lib.ConfigError, match="fusion='bad'"):
     c = dsdm_cfg.get_config("stage=seg,size=tiny,data=phantoms").unlock()
     c.fusion = "bad"

@@ -107,6 +107,8 @@ class GeneratorStage(base.EMAParams, base.Method):
   # ---- data: train records carry their own reference embedding
   def make_source(self, split: str):
     source = super().make_source(split)
+    if split == "train":  # eval's feature space: a missing run fails now, not after training
+      _ = self.embedder
     if split != "train" or not self.use_ref:
       return source
     cache = pathlib.Path(self.workdir) / "ref_train.npy" if self.workdir else None
