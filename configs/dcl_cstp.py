@@ -11,7 +11,10 @@ The paper does not state τ; MoCo-v2's 0.2 is the default.
 Variant args: variant=dcl_cstp|simclr|mocov2|simsiam|no_global|no_local|mlp_projector|
 standard_attention (the baselines and ablations of Tables 1-3), size=paper|small|tiny,
 data=<dataset>, task=classification|segmentation (sets the bank size K: 4096 or 512),
-synthetic_ratio=<0..1> (with --config.synthetic_dir=<ldm images/ folder>), seed=<int>.
+synthetic_fraction=<0..1> (the fraction of the curated synthetic pool added, Table 4: 0, 0.1,
+0.5, 1; with --config.synthetic_dir=<ldm images/ folder>), synthetic_only=True (Table 4's
+"synthetic only" row: that part of the pool without the real images), seed=<int>.
+(`--config.synthetic_per_real=x` keeps the older rule: x * |real| synthetic images.)
 """
 import ml_collections as mlc
 
@@ -33,14 +36,15 @@ VARIANT_SWITCHES = {
 }
 VARIANTS = tuple(VARIANT_SWITCHES)
 DEFAULTS = dict(variant="dcl_cstp", size="paper", data="kermany", task="classification",
-                synthetic_ratio=0.0, seed=0)
+                synthetic_fraction=0.0, synthetic_only=False, seed=0)
 CHOICES = dict(variant=VARIANTS, size=("paper", "small", "tiny"), data=registry.PRESETS,
                task=("classification", "segmentation"))
 
 
 def dcl_cstp_config(*, variant: str = "dcl_cstp", data: str = "kermany",
                     size: str = "paper", task: str = "classification",
-                    synthetic_ratio: float = 0.0, seed: int = 0) -> mlc.ConfigDict:
+                    synthetic_fraction: float = 0.0, synthetic_only: bool = False,
+                    seed: int = 0) -> mlc.ConfigDict:
   """A complete, unlocked pretraining config for one variant."""
   c = config_lib.base_config("dcl_cstp")
   c.seed = seed
@@ -48,7 +52,9 @@ def dcl_cstp_config(*, variant: str = "dcl_cstp", data: str = "kermany",
   c.data = registry.data_config(data)
   c.data.image_size = 224
   c.synthetic_dir = ""
-  c.synthetic_ratio = float(synthetic_ratio)
+  c.synthetic_fraction = float(synthetic_fraction)  # of the synthetic pool (data.mixing)
+  c.synthetic_only = bool(synthetic_only)
+  c.synthetic_per_real = 0.0  # the older rule, exclusive with synthetic_fraction
   c.model = mlc.ConfigDict(dict(encoder="resnet50", norm="batch", small_input=False,
                                 projector="cstp", attention="csa", embed_dim=128,
                                 cstp_width=512, cstp_heads=8, mlp_hidden=2048,
@@ -56,8 +62,26 @@ def dcl_cstp_config(*, variant: str = "dcl_cstp", data: str = "kermany",
   c.loss = mlc.ConfigDict(dict(global_stream="dual", local_stream="simsiam",
                                local_predictor=True, nt_xent=False, alpha=0.3, beta=0.7,
                                temperature=0.2, nt_xent_temperature=0.2, momentum=0.999,
-                               bank_size=4096 if task == "classification" else 512))
-  c.augment = mlc.ConfigDict(dict(policy="strong"))
+                               bank_size=4096 if task == "classification" else 512,
+                               # K shrinks to the largest multiple of the batch that the
+                               # training set holds (False: a K that cannot fit fails)
+                               bank_auto=True))
+  # Views: policy "strong" (Sec. III-C-1) or the baselines' "simclr". The strong policy's
+  # fields (read by `augment.policy_kwargs`; `strong_augment` documents them) default to
+  # the code's: a random resized crop on every view (crop_mode="always", the paper's
+  # description; "drawn" makes the crop one of the drawn ops), then num_ops=2 ops drawn
+  # from the other `ops`, each with a magnitude m ~ U(magnitude) scaling its range at m=1:
+  # rotate +-rotate_degrees, crop area (1 - m(1 - crop_scale[0]), crop_scale[1]) at aspect
+  # crop_ratio, color jitter m*jitter, sharpness/brightness 1 +- m*enhance, PNP photon
+  # scale from pnp_lam[1] (m=0) down to pnp_lam[0] (m=1). Only read when policy="strong".
+  c.augment = mlc.ConfigDict(dict(
+      policy="strong",
+      strong=dict(num_ops=2, crop_mode="always",
+                  ops=("crop", "rotate", "color_jitter", "autocontrast", "equalize",
+                       "sharpness", "brightness", "pnp"),
+                  magnitude=(0.0, 1.0), rotate_degrees=30.0, crop_scale=(0.2, 1.0),
+                  crop_ratio=(3 / 4, 4 / 3), jitter=(0.4, 0.4, 0.4, 0.1), enhance=0.9,
+                  pnp_lam=(25.0, 1000.0), pnp_exact=False, fill="zero")))
   c.monitor = mlc.ConfigDict(dict(knn_k=20, max_train=2000))
   c.optim.update(dict(name="sgd", lr=0.03, momentum=0.9, weight_decay=1e-4, schedule="step",
                       step_boundaries=(0.6, 0.8), step_factor=0.1))

@@ -5,11 +5,12 @@
 
 Stages: vae → unet → sample → filter → pretrain → finetune_cls → finetune_seg, each in
 WORKDIR/<stage>/; WORKDIR/report.md puts their final metrics side by side. The dataset
-needs class labels and masks (BUSI, phantoms). Pretraining mixes in
-`synthetic_ratio × |train|` filtered synthetic images (Table 4); both fine-tunings start
-from the pretrained encoder.
+needs class labels and masks (BUSI, phantoms). Pretraining mixes in `synthetic_fraction`
+of the filtered synthetic pool (Table 4: 0, 0.1, 0.5, 1; `synthetic_only=True` drops the
+real images); both fine-tunings start from the pretrained encoder.
 Variant args: data=<dataset with labels and masks> (busi, phantoms), size=paper|small|tiny,
-variant=<a configs/dcl_cstp.py variant>, synthetic_ratio=<0..1>, seed=<int>.
+variant=<a configs/dcl_cstp.py variant>, synthetic_fraction=<0..1>, synthetic_only=True|False,
+seed=<int>.
 """
 import ml_collections as mlc
 
@@ -17,17 +18,20 @@ from medrep_jax import config_lib
 from medrep_jax.data import registry
 
 dcl_cstp = config_lib.config_module("dcl_cstp")
-DEFAULTS = dict(data="busi", size="paper", variant="dcl_cstp", synthetic_ratio=0.5, seed=0)
+DEFAULTS = dict(data="busi", size="paper", variant="dcl_cstp", synthetic_fraction=1.0,
+                synthetic_only=False, seed=0)
 CHOICES = dict(data=registry.PRESETS, size=("paper", "small", "tiny"),
                variant=dcl_cstp.VARIANTS)
 
 
 def pipeline_stages(*, data: str = "busi", size: str = "paper", variant: str = "dcl_cstp",
-                    synthetic_ratio: float = 0.5, seed: int = 0) -> dict[str, mlc.ConfigDict]:
+                    synthetic_fraction: float = 1.0, synthetic_only: bool = False,
+                    seed: int = 0) -> dict[str, mlc.ConfigDict]:
   """ldm (vae → unet → sample → filter) → pretrain → finetune_cls and finetune_seg."""
   stages = config_lib.config_module("ldm").pipeline_stages(data=data, size=size, seed=seed)
   pre = dcl_cstp.dcl_cstp_config(variant=variant, data=data, size=size,
-                                 synthetic_ratio=synthetic_ratio, seed=seed)
+                                 synthetic_fraction=synthetic_fraction,
+                                 synthetic_only=synthetic_only, seed=seed)
   pre.synthetic_dir = "stage:filter/images"
   pre.data.image_size = stages["vae"].data.image_size  # synthetic and real images match
   stages["pretrain"] = pre

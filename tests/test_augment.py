@@ -256,6 +256,93 @@ def test_strong_augment_without_ops_is_a_resize():
   np.testing.assert_allclose(f(u8), u8 / 255.0, atol=1e-5)  # uint8 input is scaled.
 
 
+def _strong_views(images, **kwargs):
+  f = jax.jit(lambda k, x: A.make_views(k, x, "strong", 2, **kwargs))
+  return np.asarray(f(jax.random.key(3), images))
+
+
+def test_strong_crop_mode_always_crops_every_view():
+  """Sec. III-C-1: every view is a random resized crop (crop_mode="always"); with
+  crop_mode="drawn" the crop is one of the num_ops drawn ops, so num_ops=0 crops none."""
+  images = np.broadcast_to(RGB, (8,) + RGB.shape).copy()
+  only_crop = dict(op_names=("crop",), num_ops=0, crop_scale=(0.2, 0.6))
+  always = _strong_views(images, crop_mode="always", **only_crop)
+  assert always.shape == (2,) + images.shape
+  diff = np.abs(always - images[None]).reshape(16, -1).max(-1)
+  assert diff.min() > 1e-2, diff  # All 16 views are cropped, none is the plain resize.
+  drawn = _strong_views(images, crop_mode="drawn", **only_crop)
+  np.testing.assert_allclose(drawn, np.broadcast_to(images, drawn.shape), atol=1e-5)
+  # "always" draws num_ops from the other ops: crop + 1 of 1 is allowed, crop + 2 is not.
+  both = _strong_views(images, op_names=("crop", "brightness"), num_ops=1,
+                       crop_mode="always", crop_scale=(0.2, 0.6))
+  assert np.abs(both - always).reshape(16, -1).max(-1).min() > 1e-3  # Brightness on top.
+  with pytest.raises(ValueError, match=r"num_ops=2 must be an int in \[0, 1\]"):
+    A.strong_augment(jax.random.key(0), RGB, op_names=("crop", "brightness"), num_ops=2)
+  with pytest.raises(ValueError, match="crop_mode"):
+    A.strong_augment(jax.random.key(0), RGB, crop_mode="sometimes")
+
+
+def _dcl_config():
+  from conftest import config_module
+  return config_module("dcl_cstp").dcl_cstp_config(size="tiny", data="phantoms")
+
+
+def test_strong_config_defaults_are_the_code_defaults():
+  """`augment.strong` holds every field with `strong_augment`'s own default, so code
+  that calls the policy without the config's kwargs makes the same views."""
+  import inspect
+  kwargs = A.policy_kwargs(_dcl_config().augment)
+  params = inspect.signature(A.strong_augment).parameters
+  assert set(kwargs) == set(A.STRONG_CONFIG_FIELDS.values())
+  assert kwargs == {k: params[k].default for k in kwargs}
+  assert kwargs["crop_mode"] == "always" and kwargs["op_names"] == A.STRONG_OPS
+  baseline = _dcl_config()
+  baseline.augment.policy = "simclr"  # The baselines' policy takes no strong fields.
+  assert A.policy_kwargs(baseline.augment) == {}
+
+
+def test_strong_config_fields_change_the_ops_applied():
+  images = np.stack([RGB, RGB[::-1], GREY.repeat(3, -1), RGB * 0.5])
+  c = _dcl_config()
+  c.augment.strong.ops = ["brightness"]  # A list, as a config override may give.
+  c.augment.strong.num_ops = 1
+  kwargs = A.policy_kwargs(c.augment)
+  assert kwargs["op_names"] == ("brightness",) and kwargs["num_ops"] == 1
+  views = _strong_views(images, **kwargs)
+  np.testing.assert_array_equal(
+      views, _strong_views(images, op_names=("brightness",), num_ops=1))
+  # Each view is the input times one factor in 1 +- 0.9 (then clipped to [0, 1]).
+  for view in views:
+    for out, img in zip(view, images):
+      ok = out < 1.0 - 1e-6
+      factor = out[ok] / img[ok]
+      np.testing.assert_allclose(factor, np.median(factor), rtol=1e-4)
+      assert 0.1 - 1e-4 <= np.median(factor) <= 1.9 + 1e-4
+  assert np.abs(views - images[None]).max() > 1e-2
+  # No drawn ops and the crop drawn (none drawn): the plain resize.
+  c.augment.strong.update(dict(ops=("crop", "rotate"), num_ops=0, crop_mode="drawn"))
+  plain = _strong_views(images, **A.policy_kwargs(c.augment))
+  np.testing.assert_allclose(plain, np.broadcast_to(images, plain.shape), atol=1e-5)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("ops", ("rotate", "warp"), r"augment\.strong\.ops has unknown ops \['warp'\]"),
+    ("num_ops", 8, r"augment\.strong\.num_ops=8 must be an int in \[0, 7\]"),
+    ("num_ops", -1, r"augment\.strong\.num_ops=-1"),
+    ("crop_mode", "often", r"augment\.strong\.crop_mode='often'"),
+    ("magnitude", (0.0, 2.0), r"augment\.strong\.magnitude"),
+], ids=["unknown_op", "num_ops_high", "num_ops_negative", "crop_mode", "magnitude"])
+def test_bad_strong_config_fails_naming_the_key(field, value, match):
+  from medrep_jax.config_lib import ConfigError
+  from medrep_jax.methods import load_method
+  c = _dcl_config()
+  c.augment.strong[field] = value
+  with pytest.raises(ConfigError, match=match):
+    A.policy_kwargs(c.augment)
+  with pytest.raises(ConfigError, match=match):  # When the method is built, not mid-step.
+    load_method(c)
+
+
 B = 8
 POLICY_NAMES = ("strong", "simclr", "standard")
 

@@ -295,7 +295,8 @@ def test_torch_dual_stream_step_computes_the_jax_step(torch):
   rng = jax.random.key(5)
   new_state, metrics = jax.jit(method.train_step)(state, batch, rng)
   views = augment.make_views(rng, batch["image"], c.augment.policy, method.num_views,
-                             indices=batch["index"], out_size=int(c.data.image_size))
+                             indices=batch["index"], out_size=int(c.data.image_size),
+                             **method.augment_kwargs)
   step = dual_stream.DualStreamStep(dual_stream.net_from_config(c), c)
   step.load_jax_state(state)
   x = torch.from_numpy(np.array(views)).permute(0, 1, 4, 2, 3).contiguous()

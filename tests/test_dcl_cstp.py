@@ -91,8 +91,77 @@ def test_variant_wires_the_right_loss_terms(variant, tmp_path):
     assert "self_attention" in str(jax.tree_util.tree_structure(params["projector"]))
 
 
-def test_bank_larger_than_data_is_rejected(tmp_path):
+def test_bank_larger_than_data_is_rejected_or_fitted(tmp_path, capsys):
   config = tiny()
   config.loss.bank_size = 256  # > 64 phantoms
+  config.loss.bank_auto = False
   with pytest.raises(ValueError, match="256"):
     build(config, jax.devices()[:1], tmp_path)[0].method.make_source("train")
+  config.loss.bank_auto = True  # K: the largest multiple of the batch the data hold
+  method = build(config, jax.devices()[:1], tmp_path / "auto")[0].method
+  n, b = len(method.make_source("train")), config.train.batch_size
+  assert method.bank_size == n // b * b and method.bank_size < 256
+  assert f"K={method.bank_size} keys (loss.bank_size=256" in capsys.readouterr().out
+  assert memory_bank.fit_bank(4096, 128, 936, 8) == 896  # the BUSI pipeline's K
+  assert memory_bank.fit_bank(512, 128, 4000, 8) == 512  # the paper's K where it fits
+  with pytest.raises(ValueError, match="no bank of whole batches"):
+    memory_bank.fit_bank(512, 128, 100)
+
+
+def test_pipeline_preflight_fails_before_any_stage_runs(tmp_path):
+  """The bank (or a batch) that cannot fit real + synthetic data fails before the LDM
+  stages, with the stage named; nothing is written."""
+  from conftest import tiny_config
+  from medrep_jax.config_lib import ConfigError
+  from medrep_jax.train import pipeline
+  config = tiny_config("pipeline_dcl_cstp")
+  plan = pipeline.preflight(config, tmp_path)  # the tiny pipeline fits
+  pool = plan[str(tmp_path / "filter" / "images")]
+  assert pool == config.sample.sample.num_images  # at most every sample
+  with config.unlocked():
+    config.pretrain.loss.bank_auto = False
+    config.pretrain.loss.bank_size = 1 << 20
+  with pytest.raises(ConfigError, match=r"pre-flight, stage 5/7 'pretrain' .*K=1048576 "
+                     r"keys exceed the \d+ training"):
+    pipeline.run_pipeline(config, tmp_path / "run")
+  assert not any((tmp_path / "run" / stage).exists() for stage in config.stages)
+  with config.unlocked():
+    config.pretrain.loss.bank_auto = True
+    config.finetune_seg.train.batch_size = 10_000
+  with pytest.raises(ConfigError, match=r"stage 7/7 'finetune_seg'.*batch_size=10000 exceeds"):
+    pipeline.preflight(config, tmp_path / "run")
+
+
+def test_synthetic_fraction_is_of_the_pool_and_synthetic_only_drops_real(tmp_path):
+  """Table 4: x% of the curated synthetic pool is added (or used alone); the older
+  x * |real| rule stays as synthetic_per_real."""
+  from medrep_jax import methods
+  from medrep_jax.config_lib import ConfigError
+  from medrep_jax.data import arrays
+  pool = tmp_path / "pool"  # as the ldm sample/filter stages write it
+  arrays.write_image_folder(np.arange(10, dtype=np.float32)[:, None, None, None] * 0.1
+                            * np.ones((10, 16, 16, 1), np.float32), pool)
+
+  def train_source(**fields):
+    c = tiny("simsiam")  # no memory bank: any size of data fits
+    c.update(dict(synthetic_dir=str(pool), **fields))
+    return methods.load_method(c).make_source("train")
+
+  real = len(train_source())
+  assert len(train_source(synthetic_fraction=0.1)) == real + 1
+  mixed = train_source(synthetic_fraction=0.5)
+  assert len(mixed) == real + 5 and mixed.num_real == real
+  assert [int(mixed[i]["index"]) for i in range(len(mixed))] == list(range(real + 5))
+  assert len(set(mixed.picked.tolist())) == 5  # distinct pool images
+  np.testing.assert_array_equal(mixed.picked, train_source(synthetic_fraction=0.5).picked)
+  only = train_source(synthetic_fraction=1.0, synthetic_only=True)
+  assert len(only) == 10 and only.num_real == 0
+  assert sorted(int(only[i]["image"][0, 0, 0]) for i in range(10)) == [
+      round(25.5 * i) for i in range(10)]
+  assert len(train_source(synthetic_per_real=0.1)) == real + round(0.1 * real)
+  with pytest.raises(ConfigError, match="not both"):
+    train_source(synthetic_fraction=0.5, synthetic_per_real=0.1)
+  with pytest.raises(ConfigError, match=r"synthetic_fraction must be in \[0, 1\]"):
+    train_source(synthetic_fraction=2.0)
+  with pytest.raises(ConfigError, match="synthetic_only needs synthetic images"):
+    train_source(synthetic_only=True)

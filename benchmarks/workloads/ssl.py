@@ -108,7 +108,7 @@ def make_views(config: Any, method: Any, batch: Mapping[str, jax.Array], seed: i
   """The step's augmented views of ``batch`` (as the step makes them) and their timing."""
   fn = jax.jit(lambda rng, img, idx: augment.make_views(
       rng, img, config.augment.policy, method.num_views, indices=idx,
-      out_size=int(config.data.image_size)))
+      out_size=int(config.data.image_size), **method.augment_kwargs))
   rng = jax.random.key(seed)
   timing = harness.time_fn(lambda: fn(rng, batch["image"], batch["index"]), warmup=1, iters=3)
   return fn(rng, batch["image"], batch["index"]), timing["median_s"]

@@ -26,6 +26,8 @@ The layout depends on n, so resuming on another device count should call `relayo
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -74,6 +76,22 @@ def check_bank(num_keys: int, global_batch: int, dataset_size: int | None = None
                       f"Set loss.bank_size to at most {dataset_size}"
                       f"{f' (a multiple of train.batch_size, e.g. {most})' if most > 0 else ''}"
                       f", or use more training data")
+
+
+def fit_bank(num_keys: int, global_batch: int, dataset_size: int, n_devices: int = 1) -> int:
+  """The largest valid K <= num_keys for `dataset_size` training examples (`loss.bank_auto`):
+  a multiple of the global batch and of the devices, and no more keys than examples.
+
+  Raises:
+    ConfigError: the data hold fewer examples than one batch, so no bank fits.
+  """
+  step = math.lcm(max(int(global_batch), 1), max(int(n_devices), 1))
+  k = min(int(num_keys), int(dataset_size)) // step * step
+  if k <= 0:
+    raise ConfigError(f"memory bank: {dataset_size} training examples hold no bank of whole "
+                      f"batches (train.batch_size={global_batch}, {n_devices} device(s)); "
+                      f"use more training data or a smaller train.batch_size")
+  return k
 
 
 def init_bank(rng: jax.Array, num_keys: int, dim: int,

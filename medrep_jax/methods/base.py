@@ -103,6 +103,28 @@ class Stage(abc.ABC):
     """Image channels: `data.channels`, or what the data stores when that is 0."""
     return int(self.config.data.get("channels", 0) or 0) or int(self.info.channels)
 
+  # ---- pre-flight: run by `train.pipeline` for every unfinished stage before the first
+  # one starts, so that a config that cannot fit its data fails in seconds, not after
+  # hours of earlier stages.
+  def preflight(self, planned: dict[str, int]) -> dict[str, int]:
+    """Checks this stage's config against its data; returns what it will write.
+
+    Args:
+      planned: {folder: the most images an earlier, unfinished stage will write there};
+        an earlier stage's own workdir maps to 0 (it will exist, its contents unknown).
+    Returns:
+      {folder: the most images this stage writes there} for the folders later stages
+      may read (e.g. a sample stage's images/).
+    Raises:
+      ConfigError (or DataError): naming the field, the stage's data and the sizes.
+    """
+    del planned
+    return {}
+
+  def waits_on(self, planned: dict[str, int]) -> bool:
+    """Whether a path field of the config lies in a folder an earlier stage will write."""
+    return any(pending(value, planned) for value in _strings(self.config))
+
 
 class Task(Stage):
   """A stage with no train loop (sampling, heatmap extraction, filtering, probes)."""
@@ -112,8 +134,49 @@ class Task(Stage):
     """Does the work, writes its outputs under `self.workdir`, returns the result."""
 
 
+def pending(path: str, planned: dict[str, int]) -> bool:
+  """Whether `path` does not exist yet and lies in a folder of `planned`."""
+  p = pathlib.Path(path)
+  if not path or not p.is_absolute() or p.exists():
+    return False
+  return any(p == pathlib.Path(k) or pathlib.Path(k) in p.parents for k in planned)
+
+
+def _strings(config) -> list[str]:
+  """Every string value of a (nested) config."""
+  out = []
+  for value in (config.values() if hasattr(config, "values") else ()):
+    if isinstance(value, str):
+      out.append(value)
+    elif hasattr(value, "values"):
+      out += _strings(value)
+  return out
+
+
 class Method(Stage):
   """A stage that trains; subclasses override what is their own."""
+
+  def planned_train_size(self, planned: dict[str, int]) -> int | None:
+    """The most training examples this stage will see (the pre-flight's bound): the real
+    train split's size; None when its data come from an earlier stage not yet run.
+    Stages that add data (synthetic mixing) override it."""
+    root = str(self.config.data.get("root", "") or "")
+    if pending(root, planned):  # e.g. a sample stage's images/: its planned count
+      return planned.get(root) or None
+    return len(Stage.make_source(self, "train"))
+
+  def preflight(self, planned: dict[str, int]) -> dict[str, int]:
+    """The batch against the training data (a stage that trains)."""
+    t = self.config.get("train")
+    if t is None or not (int(t.get("num_steps", 0) or 0) > 0
+                         or float(t.get("num_epochs", 0) or 0) > 0):
+      return {}
+    n = self.planned_train_size(planned)
+    if n is not None and n < int(t.batch_size):
+      raise ConfigError(f"train.batch_size={int(t.batch_size)} exceeds the {n} training "
+                        f"examples of {self.config.data.get('name', 'the data')}; set "
+                        f"train.batch_size to at most {n}")
+    return {}
 
   # ---- model and optimizer
   @property

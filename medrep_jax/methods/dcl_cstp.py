@@ -65,6 +65,11 @@ class ContrastiveNet(nn.Module):
 class DCLCsTP(ssl_base.PretrainMethod):
   """The dual-stream step and its baselines."""
 
+  def __init__(self, config, workdir=None, mesh=None):
+    super().__init__(config, workdir, mesh)
+    # The view policy's arguments (`augment.strong`), checked now rather than mid-step.
+    self.augment_kwargs = augment.policy_kwargs(config.augment)
+
   @functools.cached_property
   def model(self) -> ContrastiveNet:
     c, m = self.config, self.config.model
@@ -107,8 +112,7 @@ class DCLCsTP(ssl_base.PretrainMethod):
     online = {k: params[k] for k in ("encoder", "projector")}
     stats = {k: v for k, v in model_state.get("batch_stats", {}).items()
              if k in ("encoder", "projector")}
-    bank, ptr = memory_bank.init_bank(jax.random.split(rng)[1],
-                                      int(self.config.loss.bank_size),
+    bank, ptr = memory_bank.init_bank(jax.random.split(rng)[1], self.bank_size,
                                       int(self.config.model.embed_dim))
     return {"momentum_params": online, "momentum_stats": stats, "bank": bank,
             "bank_ptr": ptr}
@@ -120,10 +124,35 @@ class DCLCsTP(ssl_base.PretrainMethod):
       shardings = shardings.replace(extras=extras)
     return shardings
 
-  def check_data(self, train_size: int) -> None:
-    if self.uses_bank:
-      memory_bank.check_bank(int(self.config.loss.bank_size), int(self.config.train.batch_size),
-                             train_size, self.mesh.shape["data"] if self.mesh else 1)
+  @property
+  def bank_size(self) -> int:
+    """K: `loss.bank_size`, or what `check_data` fitted to the data (`loss.bank_auto`)."""
+    return int(getattr(self, "_bank_size", None) or self.config.loss.bank_size)
+
+  def check_data(self, train_size: int, announce: bool = True) -> None:
+    """The bank against the data: with `loss.bank_auto`, K shrinks to the largest valid
+    size the data hold (the paper's K = 4,096 needs 4,096+ images); otherwise a K that
+    cannot fit raises ConfigError."""
+    if not self.uses_bank:
+      return
+    l, batch = self.config.loss, int(self.config.train.batch_size)
+    devices = self.mesh.shape["data"] if self.mesh else 1
+    k = int(l.bank_size)
+    if l.get("bank_auto", False):
+      k = memory_bank.fit_bank(k, batch, train_size, devices)
+      if k != int(l.bank_size) and announce:
+        print(f"memory bank: K={k} keys (loss.bank_size={int(l.bank_size)} does not fit "
+              f"{train_size} training examples; loss.bank_auto=True picks the largest "
+              f"multiple of the batch {batch} that does)")
+    memory_bank.check_bank(k, batch, train_size, devices)
+    self._bank_size = k
+
+  def preflight(self, planned):
+    out = super().preflight(planned)
+    n = self.planned_train_size(planned)
+    if n is not None:  # n is an upper bound: what fails here fails in training too
+      self.check_data(n, announce=False)
+    return out
 
   # ---- step
   def _momentum_embed(self, extras, x):
@@ -135,7 +164,8 @@ class DCLCsTP(ssl_base.PretrainMethod):
   def train_step(self, state, batch, rng):
     c, l = self.config, self.config.loss
     views = augment.make_views(rng, batch["image"], c.augment.policy, self.num_views,
-                               indices=batch["index"], out_size=int(c.data.image_size))
+                               indices=batch["index"], out_size=int(c.data.image_size),
+                               **self.augment_kwargs)
     v, b = views.shape[0], views.shape[1]
     extras = state.extras
     if self.uses_bank:

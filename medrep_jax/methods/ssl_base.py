@@ -1,8 +1,9 @@
 """What self-supervised pretraining methods share: real + synthetic data, and monitors.
 
-Data: the train split of `config.data`, plus `synthetic_ratio × len(real)` images from the
-`image_folder` dataset in `config.synthetic_dir` (the `ldm` sample or filter stage output;
-Table 4 of the dual-stream paper: 0, 10%, 50%, 100%). Augmentation happens on device, so
+Data: the train split of `config.data`, plus `synthetic_fraction` of the synthetic pool
+in `config.synthetic_dir` (the `ldm` sample or filter stage output; Table 4 of the
+dual-stream paper: 0, 10%, 50%, 100% of the pool, or the pool alone with
+`synthetic_only`; `data.mixing`). Augmentation happens on device, so
 the host pipeline only decodes, resizes and scales to [0, 1].
 
 Monitors (not in the papers; users of SSL libraries expect them): at every eval, a
@@ -16,50 +17,53 @@ import functools
 import jax
 import numpy as np
 
-from medrep_jax.data import loader, readers
-from medrep_jax.data.sources import SourceInfo
+from medrep_jax.config_lib import ConfigError
+from medrep_jax.data import loader, mixing, readers
 from medrep_jax.methods import base
-
-
-class MixedSource:
-  """Real examples followed by synthetic ones; records keep only `image` and `index`."""
-
-  def __init__(self, real, synthetic, num_synthetic: int):
-    self.real, self.synthetic = real, synthetic
-    self.num_real, self.num_synthetic = len(real), int(num_synthetic)
-    self.info = SourceInfo(name=f"{real.info.name}+synthetic", num_classes=0,
-                           class_names=(), channels=real.info.channels)
-
-  def __len__(self) -> int:
-    return self.num_real + self.num_synthetic
-
-  def __getitem__(self, i: int):
-    i = int(i)
-    rec = self.real[i] if i < self.num_real else self.synthetic[i - self.num_real]
-    return {"image": rec["image"], "index": np.int64(i)}
 
 
 class PretrainMethod(base.Method):
   """Base for contrastive / self-supervised pretraining methods."""
 
+  def _synthetic(self) -> tuple[float, float, bool]:
+    """(synthetic_fraction, synthetic_per_real, synthetic_only), checked (data.mixing)."""
+    c = self.config
+    fraction, per_real = (float(c.get("synthetic_fraction", 0.0)),
+                          float(c.get("synthetic_per_real", 0.0)))
+    only = bool(c.get("synthetic_only", False))
+    if (fraction > 0 or per_real > 0 or only) and not c.synthetic_dir:
+      raise ConfigError("synthetic_fraction / synthetic_per_real / synthetic_only need "
+                        "synthetic_dir: the images/ folder of an `ldm` sample or filter "
+                        "run (in a pipeline: 'stage:filter/images')")
+    return fraction, per_real, only
+
   def make_source(self, split: str):
     source = super().make_source(split)
     if split != "train":
       return source
-    ratio = float(self.config.get("synthetic_ratio", 0.0))
-    if ratio > 0:
-      if not self.config.synthetic_dir:
-        raise ValueError("synthetic_ratio > 0 needs synthetic_dir: the images/ folder of an "
-                         "`ldm` sample or filter run")
-      synth = readers.ImageFolder(self.config.synthetic_dir, "all",
-                                  channels=self.channels)
-      n = min(len(synth), int(round(ratio * len(source))))
-      if n < int(round(ratio * len(source))):
-        print(f"synthetic_ratio={ratio}: only {len(synth)} synthetic images in "
-              f"{self.config.synthetic_dir}; using all of them")
-      source = MixedSource(source, synth, n)
+    fraction, per_real, only = self._synthetic()
+    if fraction > 0 or per_real > 0 or only:
+      pool = readers.ImageFolder(self.config.synthetic_dir, "all", channels=self.channels)
+      source = mixing.mix(source, pool, fraction=fraction, per_real=per_real, only=only,
+                          seed=int(self.config.seed))
     self.check_data(len(source))
     return source
+
+  def planned_train_size(self, planned):
+    """Real + synthetic, with the pool an earlier stage will write counted at its most."""
+    real = super().planned_train_size(planned)
+    fraction, per_real, only = self._synthetic()
+    if real is None or not (fraction > 0 or per_real > 0 or only):
+      return real
+    folder = str(self.config.synthetic_dir)
+    if base.pending(folder, planned):
+      pool = planned.get(folder)
+      if not pool:
+        return None
+    else:
+      pool = len(readers.ImageFolder(folder, "all", channels=self.channels))
+    n = mixing.synthetic_count(pool, real, fraction=fraction, per_real=per_real)
+    return n if only else real + n
 
   def check_data(self, train_size: int) -> None:
     """Hook for method-specific checks (e.g. memory-bank size against the data)."""

@@ -25,6 +25,7 @@ from medrep_jax import config_lib
 from medrep_jax import errors
 from medrep_jax.core import checkpoint as ckpt_lib
 from medrep_jax.core import workdir as workdir_lib
+from medrep_jax.data.sources import DataError
 from medrep_jax.train import report as report_lib
 from medrep_jax.train import trainer
 
@@ -113,6 +114,35 @@ def check_pipeline_config(config, workdir: pathlib.Path, *,
   return changes
 
 
+def preflight(config, workdir: pathlib.Path) -> dict[str, int]:
+  """Checks every unfinished stage's config against its data before the first one runs.
+
+  Each stage's `preflight` sees what the earlier unfinished stages will write (their
+  workdirs, and the most images their output folders will hold, e.g. a sample stage's
+  images/), so that a later stage that cannot fit its data (a memory bank larger than
+  real + synthetic images, a batch larger than the split) fails now, not after hours of
+  earlier stages. Returns the plan ({folder: most images}).
+
+  Raises:
+    ConfigError / DataError: prefixed with the stage that failed.
+  """
+  from medrep_jax import methods  # pylint: disable=g-import-not-at-top
+  stages = list(config.stages)
+  planned: dict[str, int] = {}
+  for i, name in enumerate(stages):
+    stage_dir = workdir / name
+    if (stage_dir / "done.json").exists():
+      continue
+    cfg = resolve_stage_refs(config[name], workdir, stages[:i])
+    try:
+      planned.update(methods.load_method(cfg, workdir=stage_dir).preflight(planned))
+    except (config_lib.ConfigError, DataError) as e:
+      raise type(e)(f"pipeline pre-flight, stage {i + 1}/{len(stages)} '{name}' (no stage "
+                    f"has run; {workdir} is unchanged): {e}") from e
+    planned.setdefault(str(stage_dir), 0)
+  return planned
+
+
 def run_pipeline(config, workdir: str | pathlib.Path, *,
                  allow_config_change: bool = False) -> dict[str, Any]:
   """Runs the stages in order, skipping finished ones; writes a pipeline report.md.
@@ -131,6 +161,7 @@ def run_pipeline(config, workdir: str | pathlib.Path, *,
           f"stages present: {[k for k in config if k != 'stages']}")
   with trainer.hold_workdir(workdir):
     changes = check_pipeline_config(config, workdir, allow=allow_config_change)
+    preflight(config, workdir)
     if changes and jax.process_index() == 0:
       print(f"The pipeline config differs from {workdir / 'config.json'} (recorded in "
             f"{workdir_lib.HISTORY_NAME}):\n{workdir_lib.format_changes(changes)}")

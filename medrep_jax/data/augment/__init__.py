@@ -11,14 +11,17 @@ from medrep_jax.data.augment.ops import (
     gaussian_blur, hflip, hue, poisson_from_uniform, poisson_noise, random_resized_crop, rotate,
     sample_crop_box, saturation, sharpness, solarize, to_grayscale)
 from medrep_jax.data.augment.policies import (
-    MOCO_JITTER, POLICIES, STRONG_OPS, augment_batch, get_policy, make_views, random_subset_mask,
-    simclr_augment, standard_augment, strong_augment)
+    CROP_MODES, MOCO_JITTER, POLICIES, STRONG_CONFIG_FIELDS, STRONG_OPS, augment_batch,
+    get_policy, make_views, policy_kwargs, random_subset_mask, simclr_augment, standard_augment,
+    strong_augment)
 
 __all__ = [
-    "CROP_UNIFORMS", "JITTER_UNIFORMS", "MOCO_JITTER", "POLICIES", "STRONG_OPS", "augment_batch",
+    "CROP_MODES", "CROP_UNIFORMS", "JITTER_UNIFORMS", "MOCO_JITTER", "POLICIES",
+    "STRONG_CONFIG_FIELDS", "STRONG_OPS", "augment_batch",
     "autocontrast", "brightness", "color_jitter", "color_jitter_from_uniform", "contrast",
     "crop_box_from_uniform", "crop_resize", "equalize", "full_box", "gaussian_blur", "get_policy",
-    "hflip", "hue", "make_views", "poisson_from_uniform", "poisson_noise", "random_resized_crop",
+    "hflip", "hue", "make_views", "poisson_from_uniform", "poisson_noise", "policy_kwargs",
+    "random_resized_crop",
     "random_subset_mask", "rotate", "sample_crop_box", "saturation", "sharpness",
     "simclr_augment", "solarize", "standard_augment", "strong_augment", "to_grayscale",
 ]

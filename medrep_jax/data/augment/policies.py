@@ -2,7 +2,9 @@
 
 Policies map (rng, one image) to one augmented image of a fixed size:
   - `strong_augment`: the RandAugment-style strong augmentation of DCL-CsTP
-    (Ye et al., IEEE Access 2025, Sec. III-C-1; DESIGN.md "Views").
+    (Ye et al., IEEE Access 2025, Sec. III-C-1; DESIGN.md "Views"): a random
+    resized crop on every view, then `num_ops` ops drawn from the others;
+    `policy_kwargs` reads its arguments from a config's `augment.strong` block.
   - `simclr_augment`: SimCLR / MoCo-v2 views (crop, flip, jitter, grey, blur).
   - `standard_augment`: CAMContrast's "standard augmentations" (Yap & Ng,
     Sec. 4.1: cropping, horizontal flipping, rotation, color jittering and
@@ -23,12 +25,14 @@ on the batch size, its position in a shard, or the device count.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
+from medrep_jax.config_lib import ConfigError
 from medrep_jax.data.augment import ops
 
 Array = jax.Array
@@ -70,6 +74,32 @@ def _resize_box(u: Array, img: Array, scale, ratio, apply: Array | bool = True) 
   return jnp.where(apply, box, ops.full_box(h, w))
 
 
+CROP_MODES = ("always", "drawn")
+
+
+def _strong_op_sets(op_names: Sequence[str], num_ops: int, crop_mode: str,
+                    keys: Sequence[str] = ("op_names", "num_ops", "crop_mode"),
+                    where: str = "strong_augment: ") -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """Checks the static arguments of `strong_augment`; returns (ops, drawn ops) in
+  application order. `keys` name the arguments (or config keys) in the errors."""
+  ops_key, num_ops_key, mode_key = keys
+  if isinstance(op_names, str):
+    raise ValueError(f"{where}{ops_key} must be a sequence of op names, got {op_names!r}")
+  unknown = set(op_names) - set(STRONG_OPS)
+  if unknown:
+    raise ValueError(f"{where}{ops_key} has unknown ops {sorted(unknown)}; "
+                     f"choose from {STRONG_OPS}")
+  if crop_mode not in CROP_MODES:
+    raise ValueError(f"{where}{mode_key}={crop_mode!r}; expected one of {CROP_MODES}")
+  names = tuple(name for name in STRONG_OPS if name in op_names)  # Application order.
+  drawn = tuple(n for n in names if not (crop_mode == "always" and n == "crop"))
+  if isinstance(num_ops, bool) or not isinstance(num_ops, int) or not 0 <= num_ops <= len(drawn):
+    always = " (the crop is applied on top: crop_mode='always')" if drawn != names else ""
+    raise ValueError(f"{where}{num_ops_key}={num_ops!r} must be an int in [0, {len(drawn)}], "
+                     f"the number of ops drawn from {drawn}{always}")
+  return names, drawn
+
+
 def strong_augment(rng: Array, img: Array, out_size: Size = None, *, num_ops: int = 2,
                    magnitude: tuple[float, float] = (0.0, 1.0),
                    op_names: Sequence[str] = STRONG_OPS, rotate_degrees: float = 30.0,
@@ -77,13 +107,21 @@ def strong_augment(rng: Array, img: Array, out_size: Size = None, *, num_ops: in
                    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
                    jitter: Sequence[float] = MOCO_JITTER, enhance: float = 0.9,
                    pnp_lam: tuple[float, float] = (25.0, 1000.0), pnp_exact: bool = False,
-                   fill: str = "zero") -> Array:
+                   fill: str = "zero", crop_mode: str = "always") -> Array:
   """RandAugment-style strong augmentation of DCL-CsTP (Ye et al. 2025, Sec. III-C-1).
 
-  Draws a uniformly random subset of `num_ops` distinct ops from `op_names`
-  (by default all eight of the paper: rotate, resized crop, color jitter,
-  autocontrast, equalize, sharpness, brightness and Poisson noise perturbation)
-  and gives each a magnitude m ~ U(magnitude), m in [0, 1]:
+  The ops are those of the paper (by default all eight: rotate, resized crop,
+  color jitter, autocontrast, equalize, sharpness, brightness and Poisson noise
+  perturbation), restricted to `op_names`. How the random resized crop is used
+  depends on `crop_mode`:
+    "always" (default; the paper's description, where every view is a random
+        resized crop): the crop is applied to every view and `num_ops` distinct
+        ops are drawn uniformly from the other ops of `op_names`;
+    "drawn" (the behaviour before this switch): the crop is one of the ops a
+        uniformly random subset of `num_ops` is drawn from, so it reaches only
+        about num_ops / len(op_names) of the views (1/4 with the defaults).
+  Without "crop" in `op_names` no view is cropped in either mode. Each op
+  (the always-on crop too) gets its own magnitude m ~ U(magnitude), m in [0, 1]:
     crop:         area fraction in [1 - m (1 - crop_scale[0]), crop_scale[1]], aspect in crop_ratio
     rotate:       +-m * rotate_degrees
     color_jitter: strengths m * jitter
@@ -102,7 +140,8 @@ def strong_augment(rng: Array, img: Array, out_size: Size = None, *, num_ops: in
     rng: PRNG key for this image.
     img: (H, W, C) float32 image in [0, 1].
     out_size: output size (int or (h, w)); None keeps the input size.
-    num_ops: how many ops to apply (RandAugment's N).
+    num_ops: how many ops to draw (RandAugment's N); with crop_mode="always"
+      they are drawn from the ops other than the crop, which comes on top.
     magnitude: range of the per-op magnitude m (RandAugment's M, randomized).
     op_names: the ops to draw from (a subset of STRONG_OPS), e.g. without "pnp"
       for an ablation.
@@ -110,25 +149,23 @@ def strong_augment(rng: Array, img: Array, out_size: Size = None, *, num_ops: in
     pnp_exact: sample PNP with `jax.random.poisson` instead of the fixed-cost
       sampler (see `ops.poisson_noise`).
     fill: rotation fill, "zero" or "edge".
+    crop_mode: "always" (crop every view) or "drawn" (the crop is one of the
+      drawn ops); see above.
 
   Returns:
     The augmented (out_h, out_w, C) float32 image in [0, 1].
   """
-  unknown = set(op_names) - set(STRONG_OPS)
-  if unknown:
-    raise ValueError(f"strong_augment: unknown ops {sorted(unknown)}; choose from {STRONG_OPS}")
-  if not 0 <= num_ops <= len(op_names):
-    raise ValueError(f"strong_augment: num_ops={num_ops} must be in [0, {len(op_names)}] "
-                     f"for op_names={tuple(op_names)}")
-  names = tuple(name for name in STRONG_OPS if name in op_names)  # Application order.
+  names, drawn = _strong_op_sets(op_names, num_ops, crop_mode)
   n = len(names)
   k_uniform, k_pnp = jax.random.split(rng)
-  draws = _Uniforms(k_uniform, 3 * n + ops.CROP_UNIFORMS + ops.JITTER_UNIFORMS)
+  draws = _Uniforms(k_uniform, len(drawn) + 2 * n + ops.CROP_UNIFORMS + ops.JITTER_UNIFORMS)
   # A uniform random subset: the num_ops ops with the smallest uniform keys.
-  chosen = random_subset_mask(draws.take(n), num_ops)
+  chosen = random_subset_mask(draws.take(len(drawn)), num_ops)
   mag = magnitude[0] + (magnitude[1] - magnitude[0]) * draws.take(n)
   sign = jnp.where(draws.take(n) < 0.5, 1.0, -1.0)
-  on, m = dict(zip(names, chosen)), dict(zip(names, mag))
+  on = {name: True for name in names if name not in drawn}  # The always-on crop.
+  on.update(zip(drawn, chosen))
+  m = dict(zip(names, mag))
   signed = {name: sg * mg for name, sg, mg in zip(names, sign, mag)}
   crop_u, jitter_u = draws.take(ops.CROP_UNIFORMS), draws.take(ops.JITTER_UNIFORMS)
 
@@ -218,6 +255,63 @@ def get_policy(policy: str | Policy) -> Policy:
   if policy not in POLICIES:
     raise ValueError(f"unknown augmentation policy {policy!r}; choose from {sorted(POLICIES)}")
   return POLICIES[policy]
+
+
+# `augment.strong` config fields -> `strong_augment` keyword arguments.
+STRONG_CONFIG_FIELDS = {
+    "num_ops": "num_ops", "ops": "op_names", "magnitude": "magnitude",
+    "rotate_degrees": "rotate_degrees", "crop_scale": "crop_scale", "crop_ratio": "crop_ratio",
+    "jitter": "jitter", "enhance": "enhance", "pnp_lam": "pnp_lam", "pnp_exact": "pnp_exact",
+    "fill": "fill", "crop_mode": "crop_mode",
+}
+
+
+def _tuples(value: Any) -> Any:
+  """Config lists (and nested sequences) as tuples, so they are hashable and static."""
+  if isinstance(value, (list, tuple)):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
+def policy_kwargs(config: Any, prefix: str = "augment") -> dict[str, Any]:
+  """The policy's keyword arguments from an `augment` config block (for `make_views`).
+
+  For `policy="strong"` these are the fields of the nested `strong` block (see
+  `STRONG_CONFIG_FIELDS`; `ops` becomes `op_names`), with lists turned into tuples;
+  a missing block or field keeps `strong_augment`'s default. Other policies take no
+  configured arguments ({}), so a baseline with `policy="simclr"` ignores the block.
+  The fields are checked here, so a bad value fails when the method is built, not
+  inside the jitted step.
+
+  Raises:
+    ConfigError: an unknown field, an unknown op, `num_ops` out of range, a bad
+      `crop_mode` or magnitude range; the message names the key (e.g.
+      "augment.strong.num_ops").
+  """
+  if config.get("policy") != "strong" or config.get("strong") is None:
+    return {}
+  block = dict(config["strong"])
+  key = lambda field: f"{prefix}.strong.{field}"
+  unknown = sorted(set(block) - set(STRONG_CONFIG_FIELDS))
+  if unknown:
+    raise ConfigError(f"{', '.join(key(f) for f in unknown)}: not a field of the strong "
+                      f"augmentation; expected {sorted(STRONG_CONFIG_FIELDS)}")
+  kwargs = {STRONG_CONFIG_FIELDS[f]: _tuples(v) for f, v in block.items()}
+  defaults = {k: p.default for k, p in inspect.signature(strong_augment).parameters.items()}
+  get = lambda name: kwargs.get(name, defaults[name])
+  try:
+    _strong_op_sets(get("op_names"), get("num_ops"), get("crop_mode"),
+                    keys=(key("ops"), key("num_ops"), key("crop_mode")), where="")
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  for field in ("magnitude", "crop_scale", "crop_ratio", "pnp_lam"):
+    value = get(STRONG_CONFIG_FIELDS[field])
+    if not (isinstance(value, tuple) and len(value) == 2 and value[0] <= value[1]):
+      raise ConfigError(f"{key(field)}={value!r} must be a range (lo, hi) with lo <= hi")
+  lo, hi = get("magnitude")
+  if not 0.0 <= lo <= hi <= 1.0:
+    raise ConfigError(f"{key('magnitude')}={(lo, hi)!r} must lie in [0, 1]")
+  return kwargs
 
 
 def _as_float(images: Array) -> Array:

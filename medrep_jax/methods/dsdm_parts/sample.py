@@ -50,6 +50,18 @@ def _read_references(path: str, tfs: list, channels: int) -> np.ndarray:
 class SampleStage(base.Task):
   """Samples `sample.num_per_mask` images per mask with the generator's EMA weights."""
 
+  def preflight(self, planned):
+    """WORKDIR/images/ will hold (masks x num_per_mask) pairs."""
+    s = self.config.sample
+    if s.mask_dir:
+      num = 0 if base.pending(str(s.mask_dir), planned) else len(
+          imageio.list_images(pathlib.Path(s.mask_dir)))
+    else:
+      num = len(self.make_source(str(s.mask_split)))
+    if int(s.max_masks) > 0:
+      num = min(num, int(s.max_masks))
+    return {str(self.workdir / "images"): num * int(s.num_per_mask)}
+
   def run(self) -> base.Result:
     c, s, workdir = self.config, self.config.sample, self.workdir
     trained = methods.load_trained(c.generator_from, method="dsdm", stage="generator")

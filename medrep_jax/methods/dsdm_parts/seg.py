@@ -93,6 +93,19 @@ class SegStage(base.Method):
       source = synthetic.mix(source, self.config, self.num_classes)
     return source
 
+  def planned_train_size(self, planned):
+    """Real + `synthetic_fraction` of the pool (counted at its most if not yet written)."""
+    real, c = super().planned_train_size(planned), self.config
+    if real is None or float(c.synthetic_fraction) <= 0:
+      return real
+    folder = str(c.synthetic_dir)
+    if not folder:
+      raise ConfigError("synthetic_fraction > 0 needs synthetic_dir: the images/ folder of a "
+                        "dsdm sample or filter run (in the pipeline: 'stage:filter/images')")
+    pool = (planned.get(folder, 0) if base.pending(folder, planned)
+            else len(synthetic.read(folder, self.num_classes, self.channels)))
+    return real + int(round(float(c.synthetic_fraction) * pool))
+
   # ---- the DSDM features (Sec. IV-C2)
   def features(self, frozen, x0: jax.Array, key: jax.Array) -> dict[str, jax.Array]:
     """Decoder features of the frozen DSDM on q_sample(x0, t_feat), null mask, the image

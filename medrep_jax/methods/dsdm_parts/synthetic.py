@@ -12,8 +12,7 @@ import pathlib
 import numpy as np
 
 from medrep_jax.config_lib import ConfigError
-from medrep_jax.data import imageio, readers
-from medrep_jax.data.sources import SourceInfo
+from medrep_jax.data import imageio, mixing, readers
 
 
 def write(images: np.ndarray, masks: np.ndarray, root: str | pathlib.Path,
@@ -45,33 +44,10 @@ def read(root: str | pathlib.Path, num_classes: int, channels: int):
                                  channels=channels)
 
 
-class MixedSegSource:
-  """Real image+mask records followed by `num_synthetic` synthetic ones drawn at random
-  (fixed by `seed`) from the pool; records keep image, mask and index."""
-
-  def __init__(self, real, synthetic, num_synthetic: int, seed: int = 0):
-    self.real, self.synthetic = real, synthetic
-    self.num_real, self.num_synthetic = len(real), int(num_synthetic)
-    self.picked = np.random.default_rng(seed).permutation(len(synthetic))[:num_synthetic]
-    info = real.info
-    self.info = SourceInfo(name=f"{info.name}+synthetic", num_classes=info.num_classes,
-                           class_names=info.class_names, channels=info.channels,
-                           has_mask=True, num_mask_classes=info.num_mask_classes)
-
-  def __len__(self) -> int:
-    return self.num_real + self.num_synthetic
-
-  def __getitem__(self, i: int):
-    i = int(i)
-    rec = (self.real[i] if i < self.num_real
-           else self.synthetic[int(self.picked[i - self.num_real])])
-    return {"image": rec["image"], "mask": rec["mask"], "index": np.int64(i)}
-
-
 def mix(real, config, num_classes: int):
   """The real train source plus `config.synthetic_fraction` of the pool in
   `config.synthetic_dir` (the fraction of the pool, as the paper samples "a certain
-  proportion" of its 2,000 selected images; 0 = real only)."""
+  proportion" of its 2,000 selected images; 0 = real only; `data.mixing`)."""
   fraction = float(config.synthetic_fraction)
   if fraction <= 0:
     return real
@@ -79,5 +55,5 @@ def mix(real, config, num_classes: int):
     raise ConfigError("synthetic_fraction > 0 needs synthetic_dir: the images/ folder of a "
                       "dsdm sample or filter run (in the pipeline: 'stage:filter/images')")
   pool = read(config.synthetic_dir, num_classes, int(real.info.channels))
-  n = int(round(fraction * len(pool)))
-  return MixedSegSource(real, pool, n, seed=int(config.seed))
+  return mixing.mix(real, pool, fraction=fraction, seed=int(config.seed),
+                    keys=("image", "mask"))

@@ -72,6 +72,13 @@ class FilterStage(base.Task):
     """Writes the accepted records under WORKDIR/images."""
     arrays.write_image_folder(records["image"][accepted], self.workdir / "images")
 
+  def preflight(self, planned):
+    """WORKDIR/images/ will hold at most the whole pool."""
+    folder = str(self.config.synthetic_dir)
+    pool = (planned.get(folder, 0) if base.pending(folder, planned)
+            else len(self.synthetic_source()))
+    return {str(self.workdir / "images"): pool}
+
   def feature_net_path(self) -> str:
     c = self.config
     return c.eval.feature_net_path or c.vae_from

@@ -19,6 +19,9 @@ from medrep_jax.methods import base
 class SampleStage(base.Task):
   """Samples `sample.num_images` images with the UNet's EMA weights and decodes them."""
 
+  def preflight(self, planned):
+    return {str(self.workdir / "images"): int(self.config.sample.num_images)}
+
   def run(self) -> base.Result:
     c, workdir = self.config, self.workdir
     trained = methods.load_trained(c.unet_from, method="ldm", stage="unet")
