@@ -150,15 +150,18 @@ def test_torch_dsdm_step_with_adam_and_ema(torch, generator):
   tables = ref.DiffusionTables(ref.cosine_betas(method.sched.num_timesteps))
   step = ref.DSDMTrainStep(net, tables, dsdm.NUM_MASK_CLASSES, lr=1e-3, ema_decay=0.9)
   assert isinstance(step.optimizer, torch.optim.Adam)
-  before = [p.detach().clone() for p in step.params]
   image, mask, refs = (torch.from_numpy(np.array(batch[k])) for k in ("image", "mask", "ref"))
   image = image.permute(0, 3, 1, 2).contiguous()
   fixed = dict(t=torch.tensor([0, 5, 10, 20, 30, 49]), noise=torch.randn_like(image),
                flip=torch.tensor([True, False] * 3), drop=torch.tensor([False] * 5 + [True]))
   losses = [float(step(image, mask, refs, **fixed))]
-  for e, b, p in zip(step.ema, before, step.params):  # ema = 0.9 ema + 0.1 params
-    torch.testing.assert_close(e, 0.9 * b + 0.1 * p.detach(), atol=1e-6, rtol=1e-5)
-  losses += [float(step(image, mask, refs, **fixed)) for _ in range(7)]
+  for e, p in zip(step.ema, step.params):  # bias-corrected: update 1 copies the params
+    torch.testing.assert_close(e, p.detach(), atol=1e-6, rtol=1e-5)
+  before = [e.clone() for e in step.ema]
+  losses.append(float(step(image, mask, refs, **fixed)))
+  for e, b, p in zip(step.ema, before, step.params):  # update 2: weight 0.1 / (1 - 0.9^2)
+    torch.testing.assert_close(e, b + (0.1 / 0.19) * (p.detach() - b), atol=1e-6, rtol=1e-5)
+  losses += [float(step(image, mask, refs, **fixed)) for _ in range(6)]
   assert all(np.isfinite(losses)) and losses[-1] < losses[0]
   free = [float(step(image, mask, refs)) for _ in range(2)]  # draws its own t, noise, ...
   assert all(np.isfinite(free))

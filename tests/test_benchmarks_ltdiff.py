@@ -72,14 +72,17 @@ def test_torch_step_with_cond_adam_and_ema(torch, denoiser):
   step = ref.DDPMTrainStep(net, lr=1e-3, weight_decay=0.0, num_timesteps=50,
                            optimizer="adam", ema_decay=0.9)
   assert isinstance(step.optimizer, torch.optim.Adam)
-  before = [p.detach().clone() for p in step.params]
   x0, cond, tt = _nchw(torch, z_b), _nchw(torch, z_a), torch.from_numpy(np.array(t))
   noise = torch.randn_like(x0)
   losses = [float(step(x0, tt, noise, cond=cond))]
   assert losses[0] == pytest.approx(float(noise.pow(2).mean()), rel=1e-5)  # zero-init out
-  for e, b, p in zip(step.ema, before, step.params):  # ema = 0.9 ema + 0.1 params
-    torch.testing.assert_close(e, 0.9 * b + 0.1 * p.detach(), atol=1e-6, rtol=1e-5)
-  losses += [float(step(x0, tt, noise, cond=cond)) for _ in range(7)]
+  for e, p in zip(step.ema, step.params):  # bias-corrected: update 1 copies the params
+    torch.testing.assert_close(e, p.detach(), atol=1e-6, rtol=1e-5)
+  before = [e.clone() for e in step.ema]
+  losses.append(float(step(x0, tt, noise, cond=cond)))
+  for e, b, p in zip(step.ema, before, step.params):  # update 2: weight 0.1 / (1 - 0.9^2)
+    torch.testing.assert_close(e, b + (0.1 / 0.19) * (p.detach() - b), atol=1e-6, rtol=1e-5)
+  losses += [float(step(x0, tt, noise, cond=cond)) for _ in range(6)]
   assert losses[-1] < losses[0]
 
 

@@ -179,3 +179,32 @@ def test_tiny_quickstart_writes_the_comparison(tiny_run):
   assert (root / "figures" / "comparison.png").exists()
   assert json.loads((root / "probe" / "config.json").read_text())["init_from"] == str(
       root / "pretrain")
+
+
+def test_ema_is_bias_corrected():
+  """EMAParams keeps the bias-corrected EMA: the first update copies the params, and
+  update t holds sum_s decay^(t-s) p_s / sum_s decay^(t-s) (no weight on the init)."""
+  import jax.numpy as jnp
+  import ml_collections
+  from medrep_jax.core.state import TrainState
+  from medrep_jax.methods import base
+
+  class Plain:  # stands in for a Method: the "update" sets the params to batch["p"]
+    def __init__(self, config, workdir=None, mesh=None):
+      self.config = config
+
+    def train_step(self, state, batch, rng):
+      return state.replace(step=state.step + 1, params=batch["p"]), {}
+
+  class WithEMA(base.EMAParams, Plain):
+    pass
+
+  decay, seen = 0.9, [3.0, -1.0, 5.0, 2.0]
+  method = WithEMA(ml_collections.ConfigDict(dict(ema_decay=decay)))
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=jnp.float32(100.0), opt_state=None,
+                     extras={"ema": jnp.float32(100.0)})  # the init must not count
+  for t, p in enumerate(seen, 1):
+    state, _ = jax.jit(method.train_step)(state, {"p": jnp.float32(p)}, None)
+    w = decay ** np.arange(t - 1, -1, -1)
+    np.testing.assert_allclose(float(state.extras["ema"]), np.dot(w, seen[:t]) / w.sum(),
+                               rtol=2e-5)  # float32 step sizes

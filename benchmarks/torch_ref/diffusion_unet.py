@@ -426,7 +426,8 @@ class DDPMTrainStep:
 
   With ``cond``, the model is ``model(x_t, t, cond)`` (concat conditioning); with
   ``ema_decay``, an EMA of the parameters follows each update,
-  ema <- decay * ema + (1 - decay) * params (as ``optax.incremental_update``).
+  ema <- ema + (1 - decay) / (1 - decay^t) * (params - ema) at update t (the JAX
+  ``EMAParams``' bias-corrected EMA).
 
   Args:
     model: the eps-prediction network ``model(x_t, t[, cond])``.
@@ -598,7 +599,7 @@ class DSDMTrainStep:
     tables: the schedule's ``DiffusionTables``.
     num_mask_classes: K of the one-hot mask (the model's ``spade_channels``).
     lr: Adam learning rate.
-    ema_decay: None or the EMA decay (ema <- decay ema + (1 - decay) params).
+    ema_decay: None or the EMA decay (bias-corrected, as the JAX ``EMAParams``).
     p_uncond: probability of dropping both conditions.
     lambda_vlb: lambda of the hybrid loss.
     hflip: flip augmentation.
@@ -775,11 +776,14 @@ def load_flax_params(model: DiffusionUNet, params: Mapping[str, Any]) -> None:
 
 
 def _update(step: Any, loss: torch.Tensor) -> torch.Tensor:
-  """Backward, optimizer step and EMA (`step.ema` lerped to `step.params`) of a train step
-  object; returns the detached loss."""
+  """Backward, optimizer step and EMA (`step.ema` lerped to `step.params` by the
+  bias-corrected weight (1 - decay) / (1 - decay^t) of update t, as the JAX EMAParams)
+  of a train step object; returns the detached loss."""
   loss.backward()
   step.optimizer.step()
   if step.ema is not None:
+    step.ema_updates = getattr(step, "ema_updates", 0) + 1
+    weight = (1.0 - step.ema_decay) / (1.0 - step.ema_decay ** step.ema_updates)
     with torch.no_grad():
-      torch._foreach_lerp_(step.ema, step.params, 1.0 - step.ema_decay)  # pylint: disable=protected-access
+      torch._foreach_lerp_(step.ema, step.params, weight)  # pylint: disable=protected-access
   return loss.detach()
