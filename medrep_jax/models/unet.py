@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medrep_jax.models import resnet
+from medrep_jax.models import densenet, resnet
 from medrep_jax.models.conv_transpose import ConvTranspose2x
 from medrep_jax.models.resnet import Dtype, Features, make_norm
 
@@ -152,7 +152,7 @@ class UNetEncoder(nn.Module):
     return feats
 
 
-ENCODER_NAMES = resnet.RESNET_NAMES + ("unet_encoder",)
+ENCODER_NAMES = resnet.RESNET_NAMES + densenet.DENSENET_NAMES + ("unet_encoder",)
 
 
 def encoder_from_config(model_cfg: Any, dtype: Dtype = jnp.float32,
@@ -169,13 +169,15 @@ def encoder_from_config(model_cfg: Any, dtype: Dtype = jnp.float32,
 
 
 def get_encoder(name: str, /, **kw: Any) -> nn.Module:
-  """Encoder by name: a ResNet name or "unet_encoder"; ``kw`` are its attributes.
+  """Encoder by name: a ResNet or DenseNet name or "unet_encoder"; ``kw`` are its attributes.
 
   Raises:
     ValueError: unknown ``name`` (the message lists the valid names).
   """
   if name in resnet.RESNET_NAMES:
     return resnet.get_resnet(name, **kw)
+  if name in densenet.DENSENET_NAMES:
+    return densenet.get_densenet(name, **kw)
   if name == "unet_encoder":
     return UNetEncoder(**kw)
   raise ValueError(f"unknown encoder {name!r}; valid names: {list(ENCODER_NAMES)}")
