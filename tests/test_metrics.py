@@ -354,3 +354,87 @@ def test_paired_bar_figure_draws_error_bars_and_negative_values(tmp_path):
                                    errors={"all": {"GLCM": [0.1, 0.05], "ID": [0.2, 0.1]}},
                                    value_labels=False)
   assert Image.open(path).size[0] > 100
+
+
+# ---------------------------------------------------------------- AUC-PR, joint accuracy
+
+
+def _loop_ap(scores, targets):
+  """Average precision by its definition: for each distinct threshold t, highest first,
+  add (recall(t) - previous recall) * precision(t), predicting positive when score >= t."""
+  total, prev_recall = 0.0, 0.0
+  for t in sorted(set(scores.tolist()), reverse=True):
+    predicted = scores >= t
+    tp = np.sum(predicted & (targets == 1))
+    precision, recall = tp / predicted.sum(), tp / np.sum(targets == 1)
+    total += (recall - prev_recall) * precision
+    prev_recall = recall
+  return total
+
+
+def test_average_precision_hand_cases_with_ties():
+  # Thresholds 0.9, 0.8, 0.3 (the two 0.8 scores enter together):
+  #   0.9: TP 1, FP 0 -> P 1,   R 1/2
+  #   0.8: TP 2, FP 1 -> P 2/3, R 1
+  #   0.3: TP 2, FP 2 -> P 1/2, R 1 (recall unchanged: adds 0)
+  # AP = (1/2 - 0) * 1 + (1 - 1/2) * 2/3 = 5/6.
+  assert M.average_precision([0.9, 0.8, 0.8, 0.3], [1, 0, 1, 0]) == pytest.approx(5 / 6)
+  # A tie group of one negative among two positives, 3 positives in all:
+  #   0.9: TP 0, FP 1 -> P 0,   R 0
+  #   0.8: TP 2, FP 2 -> P 1/2, R 2/3
+  #   0.3: TP 3, FP 2 -> P 3/5, R 1
+  # AP = 2/3 * 1/2 + 1/3 * 3/5 = 8/15; ranking the tie's positives first would give
+  # 53/90 and last 43/90, so the grouping is what is tested.
+  scores, targets = [0.9, 0.8, 0.8, 0.8, 0.3], [0, 1, 0, 1, 1]
+  assert M.average_precision(scores, targets) == pytest.approx(8 / 15)
+  assert M.average_precision(np.array(scores)[::-1], np.array(targets)[::-1]) == (
+      pytest.approx(8 / 15))  # the input order does not matter
+
+
+def test_average_precision_edge_cases_and_reference():
+  assert M.average_precision([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(
+      0.5 * 1 + 0.5 * 2 / 3)
+  assert M.average_precision([0.9, 0.7, 0.2, 0.1], [1, 1, 0, 0]) == 1.0  # perfect ranking
+  assert M.average_precision([0.5, 0.5, 0.5], [0, 1, 1]) == pytest.approx(2 / 3)  # one tie
+  assert M.average_precision([0.2, 0.3], [1, 1]) == 1.0
+  assert math.isnan(M.average_precision([0.2, 0.3], [0, 0]))
+  with pytest.raises(ValueError, match="one size"):
+    M.average_precision([0.2, 0.3], [0, 1, 1])
+  rng = np.random.default_rng(4)
+  for _ in range(5):
+    scores = rng.integers(0, 6, size=50).astype(float)  # many ties
+    targets = rng.integers(0, 2, size=50)
+    assert M.average_precision(scores, targets) == pytest.approx(_loop_ap(scores, targets))
+
+
+def test_multilabel_average_precision_and_classification_metrics():
+  rng = np.random.default_rng(6)
+  probs = rng.random((40, 3))
+  targets = rng.integers(0, 2, size=(40, 3))
+  targets[:, 1] = 0
+  mean, per = M.multilabel_average_precision(probs, targets, return_per_class=True)
+  assert math.isnan(per[1])
+  assert mean == pytest.approx(np.mean([_loop_ap(probs[:, k], targets[:, k]) for k in (0, 2)]))
+  assert M.average_precision(probs, targets) == pytest.approx(mean)  # (N, K): macro
+  p1, labels = probs[:, 0], targets[:, 0]
+  assert M.classification_metrics(p1, labels, 2)["auc_pr"] == pytest.approx(_loop_ap(p1, labels))
+  multi = rng.dirichlet(np.ones(3), size=30)
+  y = rng.integers(0, 3, size=30)
+  want = np.mean([_loop_ap(multi[:, k], (y == k).astype(int)) for k in range(3)])
+  assert M.classification_metrics(multi, y, 3)["auc_pr"] == pytest.approx(want)
+
+
+def test_joint_accuracy():
+  grade_true, grade_pred = [0, 2, 3, 1, 4], [0, 2, 1, 1, 4]
+  edema_true, edema_pred = [0, 1, 2, 0, 2], [0, 1, 2, 1, 2]
+  # Both right for images 0, 1 and 4 (2 has the grade wrong, 3 the edema risk): 3/5.
+  assert M.joint_accuracy((grade_true, grade_pred), (edema_true, edema_pred)) == 0.6
+  assert M.joint_accuracy((grade_true, grade_pred)) == 0.8
+  assert M.joint_accuracy((grade_true, grade_true), (edema_true, edema_true)) == 1.0
+  assert math.isnan(M.joint_accuracy(([], [])))
+  with pytest.raises(ValueError, match="one shape"):
+    M.joint_accuracy((grade_true, grade_pred[:4]), (edema_true, edema_pred))
+  with pytest.raises(ValueError, match="pair 0 has"):
+    M.joint_accuracy((grade_true, grade_pred), (edema_true[:4], edema_pred[:4]))
+  with pytest.raises(ValueError, match="at least one"):
+    M.joint_accuracy()

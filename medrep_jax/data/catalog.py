@@ -160,7 +160,7 @@ def build_catalog(root: str | pathlib.Path, split: str, spec: Spec,
   _assign_groups(spec, items)
   if rows is not None:
     items = _rows(spec, items, rows)
-  chosen = _select(root, split, spec, items)
+  chosen = select(root, split, spec, items)
   if not chosen:
     present = sorted({it.split for it in items if it.split})
     raise DataError(f"split {split!r} of {root} is empty ({len(items)} items in all"
@@ -285,7 +285,7 @@ def _assign_groups(spec: Spec, items: list[Item]) -> None:
                 if spec.group_by else it.path)
 
 
-def _select(root: pathlib.Path, split: str, spec: Spec, items: list[Item]) -> list[int]:
+def select(root: pathlib.Path, split: str, spec: Spec, items: list[Item]) -> list[int]:
   if split == "all":
     return list(range(len(items)))
   present = {it.split for it in items if it.split}

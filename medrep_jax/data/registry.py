@@ -1,7 +1,8 @@
 """Named data presets: `data_config(name)` and `get_source(data_cfg, split)`.
 
 Generic kinds: phantoms, image_folder, image_mask_folder, folder (any layout,
-by path patterns), arrays (stacked .npy/.npz arrays), medmnist, dicom, tfds.
+by path patterns), arrays (stacked .npy/.npz arrays), medmnist, dicom, tfds, rle_csv
+(images with masks run-length encoded in a CSV, the SIIM-ACR layout).
 Presets for the local real sets (default root `$MEDREP_DATA_DIR/<folder>` when
 `root` is empty): kermany, kvasir_seg, busi, drive, isbi2012_membrane,
 kaggle_lungs_ct_64, pneumoniamnist, retinamnist, covid_ct. Manual TFDS presets
@@ -24,7 +25,8 @@ from typing import Any
 
 import ml_collections
 
-from medrep_jax.data import catalog, folder, masks, pairing, readers, tfds_builders
+from medrep_jax.data import (catalog, folder, masks, pairing, readers, rle_source,
+                             tfds_builders)
 from medrep_jax.data.phantoms import Phantoms
 from medrep_jax.data.sources import DataError, Source, SourceInfo, window_of
 
@@ -91,6 +93,12 @@ DEFAULTS: dict[str, Any] = dict(
     color_norm="",            # "" = off, "reinhard" (modified Reinhard, CIELAB; grey: L)
     color_norm_reference="",  # reference image or folder of images (relative to root)
     color_norm_stats=(),      # or numbers: mean L, a, b, std L, a, b (grey: mean L, std L)
+    # -- rle_csv (data/rle_source.py): masks run-length encoded in a CSV (SIIM-ACR layout)
+    rle_csv="train-rle.csv",  # the RLE table (relative to root, or absolute)
+    rle_id_column="ImageId",  # names an image by relative path, path without suffix, name or stem
+    rle_column="EncodedPixels",
+    rle_relative=True,        # SIIM's relative starts; False = absolute 1-based (Kaggle)
+    rle_order="F",            # pixel numbering: "F" column-major (x * H + y), "C" row-major
 )
 
 # Preset fields `data_config` copies into the config: choices of the run, not facts of
@@ -99,11 +107,12 @@ DEFAULTS: dict[str, Any] = dict(
 RUN_CHOICES = ("image_size", "window_level", "window_width")
 
 _KINDS = ("phantoms", "image_folder", "image_mask_folder", "folder", "arrays", "medmnist",
-          "dicom", "tfds")
+          "dicom", "tfds", "rle_csv")
 PRESETS: dict[str, dict[str, Any]] = {k: dict(kind=k) for k in _KINDS}
 PRESETS["phantoms"].update(image_size=64, channels=1, num_classes=3, has_mask=True,
                            num_mask_classes=3)
 PRESETS["arrays"].update(stacked=True)
+PRESETS["rle_csv"].update(has_mask=True, num_classes=2)
 PRESETS.update(
     kermany=dict(kind="image_folder", folder="kermany_chest_xray_224", image_size=224,
                  channels=1, num_classes=2),
@@ -292,6 +301,8 @@ def get_source(data_cfg: Any, split: str) -> Source:
         root, split, spec=folder_spec(f, kind), decode=folder_decode(f, kind),
         channels=channels, num_classes=int(get("num_classes")) or None,
         skip_corrupt=bool(get("skip_corrupt")), name=data_cfg.name)
+  if kind == "rle_csv":
+    return rle_source.from_fields(_root(data_cfg, preset), split, f, name=data_cfg.name)
   if kind == "medmnist":
     return readers.MedMNIST(_root(data_cfg, preset), split,
                             num_classes=int(get("num_classes")) or None,

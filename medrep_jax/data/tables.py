@@ -76,8 +76,12 @@ _ID_COLUMNS = ("id", "path", "file", "filename", "file_name", "image", "image_id
 _SPLIT_COLUMNS = ("split", "fold", "set", "subset", "partition")
 
 
-def _read_csv(path: pathlib.Path) -> tuple[list[str], list[dict[str, str]]]:
-  """Header and rows of a CSV/TSV (delimiter sniffed among , ; tab); stripped cells."""
+def read_csv(path: pathlib.Path, *, with_lines: bool = False):
+  """Header and rows of a CSV/TSV (delimiter sniffed among , ; tab); stripped cells.
+
+  Rows are {column: cell} dicts, or (line number, dict) pairs with `with_lines`; blank
+  rows are skipped. Raises DataError naming the file (and line) when it cannot be read,
+  is empty or a row's cell count differs from the header's."""
   try:
     text = path.read_text(encoding="utf-8-sig")
   except (OSError, UnicodeDecodeError) as e:
@@ -101,7 +105,8 @@ def _read_csv(path: pathlib.Path) -> tuple[list[str], list[dict[str, str]]]:
     if len(row) != len(header):
       raise DataError(f"{path} line {n} has {len(row)} cells but the header has "
                       f"{len(header)} columns {header}")
-    rows.append({h: c.strip() for h, c in zip(header, row)})
+    cells = {h: c.strip() for h, c in zip(header, row)}
+    rows.append((n, cells) if with_lines else cells)
   return header, rows
 
 
@@ -179,7 +184,7 @@ def read_split_file(path: str | os.PathLike, *, id_column: str | None = None,
       if line.strip() and not line.lstrip().startswith("#"):
         _add(out, line, split, path)
     return out
-  header, rows = _read_csv(path)
+  header, rows = read_csv(path)
   id_col = _column(path, header, id_column, _ID_COLUMNS, "id/path", "data.split_id_column")
   split_col = _column(path, header, split_column, _SPLIT_COLUMNS, "split",
                       "data.split_column")
@@ -268,7 +273,7 @@ def read_label_csv(path: str | os.PathLike, *, id_column: str,
       label not in `class_names`.
   """
   path = pathlib.Path(path)
-  header, rows = _read_csv(path)
+  header, rows = read_csv(path)
   if id_column not in header:
     raise DataError(f"{path} has no id column {id_column!r} (data.label_id_column); "
                     f"columns present: {header}")

@@ -4,9 +4,10 @@ These run on full arrays gathered at evaluation time, are vectorized, and
 return plain Python floats (NaN where a metric is undefined), so results can
 be written straight to ``metrics.jsonl``.
 
-Classification: accuracy, macro precision/recall/F1, ROC AUC, ECE and the
-confusion matrix (DCL-CsTP reports ACC, PRE, REC, AUC; CAMContrast reports
-mean AUC of multi-label linear probes). Segmentation: Dice, IoU, HD95 and pixel
+Classification: accuracy, macro precision/recall/F1, ROC AUC, AUC-PR (average
+precision), ECE and the confusion matrix (DCL-CsTP reports ACC, PRE, REC, AUC;
+CAMContrast reports mean AUC of multi-label linear probes, AUC-PR, and IDRiD's joint
+accuracy of grade and edema risk: ``joint_accuracy``). Segmentation: Dice, IoU, HD95 and pixel
 accuracy per image, optionally only inside a region of interest (``valid``, e.g. a field
 of view); and data-set-level mean Dice/IoU, per-class precision/recall and pixel accuracy
 from a confusion matrix accumulated over batches (``confusion_scores``; DSDM, Table 6).
@@ -134,6 +135,79 @@ def multilabel_auc(probs: np.ndarray, targets: np.ndarray,
   return (mean, per_class) if return_per_class else mean
 
 
+def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+  """Area under the precision-recall curve as average precision (AUC-PR).
+
+  AP = sum_n (R_n - R_{n-1}) P_n over the distinct score thresholds, highest first
+  (R_0 = 0): P_n and R_n are the precision and recall of predicting positive every
+  score >= the n-th threshold, so equal scores enter together (scikit-learn's
+  ``average_precision_score``, no interpolation). NaN if there is no positive. A
+  (N, K) input gives the macro mean over its columns (``multilabel_average_precision``).
+  """
+  scores = np.asarray(scores, np.float64)
+  if scores.ndim == 2:
+    return multilabel_average_precision(scores, targets)
+  scores = scores.ravel()
+  pos = np.asarray(targets).ravel().astype(bool)
+  if scores.shape != pos.shape:
+    raise ValueError(f"scores and targets must have one size; got {scores.size}, {pos.size}")
+  n_pos = int(pos.sum())
+  if n_pos == 0:
+    return float("nan")
+  order = np.argsort(-scores, kind="mergesort")
+  s, p = scores[order], pos[order]
+  last = np.r_[np.flatnonzero(s[1:] != s[:-1]), s.size - 1]  # last index of each tie group
+  tp = np.cumsum(p)[last].astype(np.float64)
+  precision = tp / (last + 1)
+  recall = tp / n_pos
+  return float(np.sum(np.diff(recall, prepend=0.0) * precision))
+
+
+def multilabel_average_precision(probs: np.ndarray, targets: np.ndarray,
+                                 return_per_class: bool = False) -> Any:
+  """Mean average precision (AUC-PR) over the K columns of (N, K) ``probs``/``targets``.
+
+  Classes with no positive are skipped (NaN per class); a class whose targets are all
+  positive scores 1. The mean is NaN if every class is skipped. With
+  ``return_per_class`` returns ``(mean, per_class_array)``.
+  """
+  probs = np.asarray(probs, np.float64)
+  targets = np.asarray(targets)
+  if probs.shape != targets.shape or probs.ndim != 2:
+    raise ValueError(f"probs and targets must both be (N, K); got {probs.shape}, {targets.shape}")
+  per_class = np.array([average_precision(probs[:, k], targets[:, k])
+                        for k in range(probs.shape[1])])
+  valid = ~np.isnan(per_class)
+  mean = float(per_class[valid].mean()) if valid.any() else float("nan")
+  return (mean, per_class) if return_per_class else mean
+
+
+def joint_accuracy(*pairs: tuple[np.ndarray, np.ndarray]) -> float:
+  """Fraction of examples whose every task is predicted right (IDRiD's joint grading).
+
+  Each pair is (true labels, predicted labels) of one task, int arrays of one shape for
+  every task; CAMContrast's IDRiD joint accuracy is
+  ``joint_accuracy((grade_true, grade_pred), (edema_true, edema_pred))``: an image counts
+  when both its retinopathy grade and its macular-edema risk are right. NaN for no examples.
+  """
+  if not pairs:
+    raise ValueError("joint_accuracy needs at least one (labels, preds) pair")
+  right = None
+  for k, pair in enumerate(pairs):
+    if len(pair) != 2:
+      raise ValueError(f"pair {k} must be (labels, preds); got {len(pair)} arrays")
+    labels, preds = (np.asarray(a, np.int64) for a in pair)
+    if labels.shape != preds.shape:
+      raise ValueError(f"pair {k}: labels and preds must have one shape; got "
+                       f"{labels.shape}, {preds.shape}")
+    if right is not None and labels.shape != right.shape:
+      raise ValueError(f"pair {k} has shape {labels.shape}, but pair 0 has {right.shape}; "
+                       "give every task one label per example")
+    ok = labels == preds
+    right = ok if right is None else right & ok
+  return float(right.mean()) if right.size else float("nan")
+
+
 def _as_class_probs(probs: np.ndarray, label_ndim: int) -> np.ndarray:
   """(..., K) class probabilities; a binary P(class 1) array gets K = 2."""
   probs = np.asarray(probs, np.float64)
@@ -167,7 +241,7 @@ def ece(probs: np.ndarray, labels: np.ndarray, num_bins: int = 15) -> float:
 
 def classification_metrics(probs: np.ndarray, labels: np.ndarray,
                            num_classes: int) -> dict[str, Any]:
-  """Accuracy, macro precision/recall/F1, AUC, ECE and the confusion matrix.
+  """Accuracy, macro precision/recall/F1, AUC, AUC-PR, ECE and the confusion matrix.
 
   Args:
     probs: (N, K) class probabilities, or (N,) P(class 1) for binary tasks.
@@ -179,7 +253,9 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray,
     values averaged over the K classes, a class with no predicted or no true
     examples scoring 0 for that term), ``auc`` (binary ROC AUC of P(class 1);
     for K > 2 the macro one-vs-rest AUC over classes present with both
-    values; NaN if undefined) and ``ece`` (15 bins), plus
+    values; NaN if undefined), ``auc_pr`` (average precision, binary of P(class 1),
+    else the macro one-vs-rest mean over classes present; NaN if undefined) and
+    ``ece`` (15 bins), plus
     ``confusion_matrix`` as a nested list of ints (rows true, columns pred),
     the one non-scalar entry.
   """
@@ -198,14 +274,18 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray,
   f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
   if num_classes == 2:
     auc = roc_auc(p[:, 1], labels == 1)
+    auc_pr = average_precision(p[:, 1], labels == 1)
   else:
-    auc = multilabel_auc(p, np.eye(num_classes, dtype=np.int64)[labels])
+    onehot = np.eye(num_classes, dtype=np.int64)[labels]
+    auc = multilabel_auc(p, onehot)
+    auc_pr = multilabel_average_precision(p, onehot)
   return {
       "accuracy": float(tp.sum() / max(labels.size, 1)),
       "precision": float(precision.mean()),
       "recall": float(recall.mean()),
       "f1": float(f1.mean()),
       "auc": auc,
+      "auc_pr": auc_pr,
       "ece": ece(p, labels),
       "confusion_matrix": cm.tolist(),
   }
