@@ -94,6 +94,16 @@ def stage_config(stage: str, *, variant: str = "camcontrast", data: str = "kerma
   c.monitor = mlc.ConfigDict(dict(knn_k=20, max_train=2000))
   c.eval = mlc.ConfigDict(dict(label_fractions=(0.01, 0.05, 0.25, 1.0), split="test",
                                probe_epochs=100, weight_decay=1e-4))
+  # protocol: "lbfgs" (full-batch logistic regression, above) or "sgd" (the paper protocol:
+  # SGD, momentum 0.9, wd 0, 60 epochs, batch 40, the LR picked from `lrs` on `val_split`,
+  # never on `split`; the grid spans standardized features, `probes.SGD_LRS`).
+  c.eval.update(dict(protocol="lbfgs", val_split="val", sgd=mlc.ConfigDict(dict(
+      lrs=(0.01, 0.03, 0.1, 0.3, 1.0, 3.0), epochs=60, batch_size=40, momentum=0.9,
+      weight_decay=0.0))))
+  # t-SNE of the frozen `split` features (figures/embedding_tsne.png; DCL-CsTP Fig. 6,
+  # CAMContrast Fig. 8), on at most embedding_max_points images (a seeded random draw).
+  c.eval.update(dict(embedding=True, embedding_max_points=2000, embedding_perplexity=30.0,
+                     embedding_iterations=1000))
   if stage == "classifier":
     c.optim.update(dict(name="adamw", lr=1e-3, weight_decay=1e-4, schedule="cosine"))
     c.train.update(dict(batch_size=120, num_epochs=30.0, eval_every=0))
@@ -119,7 +129,8 @@ def stage_config(stage: str, *, variant: str = "camcontrast", data: str = "kerma
     config_lib.set_tiny_train(c)
     c.monitor.max_train = 16
     c.heatmap.figure_pool = 16
-    c.eval.update(dict(label_fractions=(0.25, 1.0), probe_epochs=5))
+    c.eval.update(dict(label_fractions=(0.25, 1.0), probe_epochs=5, embedding_iterations=50))
+    c.eval.sgd.update(dict(lrs=(0.1, 1.0), epochs=2))
   if variant == "random" or stage in ("heatmaps", "linear_eval"):  # no training steps
     c.train.update(dict(num_epochs=0.0, num_steps=0))
   return c

@@ -37,6 +37,8 @@ def test_tiny_pipeline_end_to_end(tiny_run):
   np.testing.assert_array_equal(source.arrays["label"], source.arrays["source_label"] != 0)
   lin = json.loads((workdir / "linear_eval" / "done.json").read_text())
   assert {"auc_25pct", "auc_100pct"} <= set(lin)
+  assert (workdir / "linear_eval" / "figures" / "embedding_tsne.png").exists()
+  assert "embedding_tsne.png" in (workdir / "linear_eval" / "report.md").read_text()
   init = (workdir / "finetune_seg" / "init_from.txt").read_text()
   assert "params/encoder/level1/conv1/kernel" in init.split("# new")[0]
   assert "| heatmaps | train/num_crops | 160 |" in (workdir / "report.md").read_text()
@@ -165,3 +167,44 @@ def test_heatmap_stats_locate_the_mass():
   assert stats["val/heat_in_foreground_abnormal"] == pytest.approx(1.0)
   assert stats["val/heat_in_foreground_normal"] == pytest.approx(0.0)
   assert stats["val/foreground_fraction"] == pytest.approx(1 - 8 / 128)
+
+
+def test_linear_eval_sgd_protocol_picks_the_lr_on_val_and_draws_tsne(monkeypatch, tmp_path):
+  """protocol=sgd: the LR is chosen on the val split (never the scored test split); the
+  stage reports the chosen LR, each LR's val accuracy, test scores and the t-SNE figure."""
+  from medrep_jax import methods
+  from medrep_jax.eval import probes
+  # A stand-in frozen encoder: flattened pixels (no pretraining run needed).
+  monkeypatch.setattr(methods, "feature_net",
+                      lambda *a, **k: lambda x: np.asarray(x, np.float32).reshape(len(x), -1))
+  seen = []
+  real = probes.sgd_linear_probe
+
+  def spy(train_x, train_y, val_x, val_y, **kw):
+    seen.append(np.asarray(val_x))
+    return real(train_x, train_y, val_x, val_y, **kw)
+
+  monkeypatch.setattr(probes, "sgd_linear_probe", spy)
+  c = stage_config("linear_eval", data="phantoms", size="tiny")
+  c.data.num_examples = 48
+  c.encoder_from = "unused"
+  c.eval.protocol = "sgd"
+  stage = load_method(c, tmp_path)
+  result = stage.run()
+  val = loader.collect(stage.make_source("val"), stage.transforms("val"))["image"]
+  test = loader.collect(stage.make_source("test"), stage.transforms("test"))["image"]
+  assert len(seen) == len(c.eval.label_fractions)
+  for v in seen:
+    np.testing.assert_array_equal(v, val.reshape(len(val), -1))
+  assert not np.array_equal(val, test)
+  m = result.metrics
+  for name in ("25pct", "100pct"):
+    assert m[f"lr_{name}"] in (0.1, 1.0)
+    assert {f"val_accuracy_{name}_lr0.1", f"val_accuracy_{name}_lr1"} <= set(m)
+    assert 0.0 <= m[f"auc_{name}"] <= 1.0
+  assert any("chosen on the `val` split" in line for line in result.lines)
+  assert result.figures == {"t-SNE of frozen features": "figures/embedding_tsne.png"}
+  assert (tmp_path / "figures" / "embedding_tsne.png").exists()
+  c.eval.val_split = "test"
+  with pytest.raises(ValueError, match="must not be the scored"):
+    load_method(c, tmp_path).run()

@@ -1,4 +1,6 @@
 """Tests for the kNN and linear-probe representation monitors."""
+import inspect
+
 import numpy as np
 import pytest
 
@@ -91,3 +93,63 @@ def test_bad_shapes_raise(fn):
     fn(x, np.zeros(9, np.int64), x, y)
   with pytest.raises(ValueError, match=r"\(10,\)"):
     fn(x[:, 0], y, x, y)
+
+
+def _separable(seed: int, n: int, dim: int = 10, classes: int = 3):
+  rng = np.random.default_rng(seed)
+  w = rng.normal(size=(dim, classes))
+  x = rng.normal(size=(n, dim)).astype(np.float32)
+  return x, np.argmax(x @ w, axis=1)
+
+
+def test_sgd_probe_separates_a_linearly_separable_set():
+  x, y = _separable(4, 600)
+  probe = probes.sgd_linear_probe(x[:300], y[:300], x[300:450], y[300:450], epochs=20)
+  assert set(probe.val_scores) == set(probes.SGD_LRS)
+  assert probe.lr in probes.SGD_LRS
+  assert probe.train_accuracy >= 0.95
+  test = probe.score(x[450:], y[450:])
+  assert test["accuracy"] >= 0.93 and test["auc"] > 0.98
+  # The chosen probe's val accuracy is what the selection recorded for its LR.
+  assert probe.score(x[300:450], y[300:450])["accuracy"] == pytest.approx(
+      probe.val_scores[probe.lr]["accuracy"])
+  np.testing.assert_array_equal(probe.predict(x[450:]),
+                                probe.predict_proba(x[450:]).argmax(axis=1))
+
+
+def test_sgd_lr_selection_uses_only_the_validation_split():
+  """Train accuracy would pick the large LR for both val sets; the choice follows val."""
+  names = set(inspect.signature(probes.sgd_linear_probe).parameters)
+  assert not any("test" in name for name in names)  # the test split cannot be passed in
+  x, y = _separable(6, 400)
+  xtr, ytr, xva, yva = x[:250], y[:250], x[250:], y[250:]
+  lrs = (1e-5, 1.0)  # 1e-5: the weights barely leave their tiny random init
+  kw = dict(lrs=lrs, epochs=5, seed=1)
+  honest = probes.sgd_linear_probe(xtr, ytr, xva, yva, **kw)
+  assert honest.lr == 1.0 and honest.val_scores[1.0]["accuracy"] >= 0.9
+  # Val labels shifted by one class: the well-trained probe is now almost always wrong,
+  # so the untrained one (about chance) wins on validation.
+  shifted = probes.sgd_linear_probe(xtr, ytr, xva, (yva + 1) % 3, **kw)
+  assert shifted.lr == 1e-5
+  assert shifted.val_scores[1.0]["accuracy"] < 0.1
+  assert shifted.val_scores[1e-5]["accuracy"] > shifted.val_scores[1.0]["accuracy"]
+  # Same train set, same per-LR training: only the val scores moved.
+  assert honest.val_scores[1.0]["accuracy"] != shifted.val_scores[1.0]["accuracy"]
+  # Identical inputs: the same choice, weights and scores.
+  again = probes.sgd_linear_probe(xtr, ytr, xva, (yva + 1) % 3, **kw)
+  assert again.lr == shifted.lr and again.val_scores == shifted.val_scores
+  np.testing.assert_array_equal(again.w, shifted.w)
+
+
+def test_sgd_probe_ties_pick_the_smaller_lr_and_bad_input_raises():
+  x, y = _separable(7, 200)
+  # One val point per class, trivially right for every LR: accuracy and AUC tie.
+  keep = np.array([np.flatnonzero(y[100:] == k)[0] for k in range(3)]) + 100
+  probe = probes.sgd_linear_probe(x[:100], y[:100], x[keep], y[keep], lrs=(1.0, 0.3),
+                                  epochs=20)
+  assert probe.val_scores[1.0]["accuracy"] == probe.val_scores[0.3]["accuracy"] == 1.0
+  assert probe.lr == 0.3
+  with pytest.raises(ValueError, match="positive"):
+    probes.sgd_linear_probe(x, y, x, y, lrs=())
+  with pytest.raises(ValueError, match=r"\(5, 3\)"):
+    probes.sgd_linear_probe(x, y, np.zeros((5, 3), np.float32), np.zeros(5, np.int64))

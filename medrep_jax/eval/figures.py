@@ -300,3 +300,43 @@ def probe_heatmap_figure(grid: np.ndarray, blocks: Sequence[str], timesteps: Seq
     ax.set_title(title, fontsize=10)
   fig.tight_layout()
   return _save(fig, path, dpi)
+
+
+def embedding_figure(points2d: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
+                     path: str | os.PathLike, title: str | None = None,
+                     dpi: int = 100) -> str:
+  """Scatter of a 2-D embedding (e.g. t-SNE of frozen features), coloured by label.
+
+  Args:
+    points2d: (N, 2) map coordinates.
+    labels: (N,) integer labels; class k is named ``class_names[k]`` in the legend
+      (``str(k)`` when the list is short).
+    class_names: names of the classes.
+    path: output PNG path.
+    title: optional axes title.
+    dpi: resolution.
+  """
+  from matplotlib import colormaps  # pylint: disable=g-import-not-at-top
+  pts = np.asarray(points2d, np.float64)
+  labels = np.asarray(labels).astype(np.int64).ravel()
+  if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) != len(labels):
+    raise ValueError(f"expected (N, 2) points and (N,) labels; got {pts.shape}, "
+                     f"{labels.shape}")
+  present = np.unique(labels)
+  num = int(present.max()) + 1 if present.size else 1
+  cmap = colormaps["tab10" if num <= 10 else "tab20"]
+  size = float(np.clip(3000.0 / max(len(pts), 1), 3.0, 30.0))
+  fig = Figure(figsize=(6.0, 5.0))
+  ax = fig.subplots()
+  for k in present:
+    sel = labels == k
+    name = class_names[k] if k < len(class_names) else str(k)
+    ax.scatter(pts[sel, 0], pts[sel, 1], s=size, color=cmap(int(k) % cmap.N),
+               label=f"{name} ({int(sel.sum())})", alpha=0.8, linewidths=0)
+  ax.set_xticks([])
+  ax.set_yticks([])
+  ax.legend(fontsize=7, markerscale=max(1.0, 20.0 / size) ** 0.5, loc="best", frameon=True)
+  if title:
+    ax.set_title(title, fontsize=10)
+  fig.tight_layout()
+  return _save(fig, path, dpi)
