@@ -215,6 +215,8 @@ class GeneratorStage(base.EMAParams, base.Method):
   def evaluate_state(self, state, ctx):
     e, real = self.config.eval, self._eval_data()
     params, s = state.extras["ema"], float(self.config.sample.guidance_scale)
+    if not (self.use_mask or self.use_ref):
+      s = 0.0  # nothing to guide: `sample` draws the unconditional model
     metrics, fake = self._score(params, real, s)
     label = metrics.pop("feature_net")
     if ctx.final and (self.use_mask or self.use_ref):  # more scales (Table 2's s = 0 row)
