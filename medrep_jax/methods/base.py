@@ -122,10 +122,6 @@ class Stage(abc.ABC):
     del planned
     return {}
 
-  def waits_on(self, planned: dict[str, int]) -> bool:
-    """Whether a path field of the config lies in a folder an earlier stage will write."""
-    return any(pending(value, planned) for value in _strings(self.config))
-
 
 class Task(Stage):
   """A stage with no train loop (sampling, heatmap extraction, filtering, probes)."""
@@ -143,17 +139,6 @@ def pending(path: str, planned: dict[str, int]) -> bool:
   return any(p == pathlib.Path(k) or pathlib.Path(k) in p.parents for k in planned)
 
 
-def _strings(config) -> list[str]:
-  """Every string value of a (nested) config."""
-  out = []
-  for value in (config.values() if hasattr(config, "values") else ()):
-    if isinstance(value, str):
-      out.append(value)
-    elif hasattr(value, "values"):
-      out += _strings(value)
-  return out
-
-
 class Method(Stage):
   """A stage that trains; subclasses override what is their own."""
 
@@ -167,17 +152,24 @@ class Method(Stage):
     return len(Stage.make_source(self, "train"))
 
   def preflight(self, planned: dict[str, int]) -> dict[str, int]:
-    """The batch against the training data (a stage that trains)."""
+    """A stage that trains: `check_planned` on the most training examples it will see."""
     t = self.config.get("train")
     if t is None or not (int(t.get("num_steps", 0) or 0) > 0
                          or float(t.get("num_epochs", 0) or 0) > 0):
       return {}
     n = self.planned_train_size(planned)
-    if n is not None and n < int(t.batch_size):
-      raise ConfigError(f"train.batch_size={int(t.batch_size)} exceeds the {n} training "
-                        f"examples of {self.config.data.get('name', 'the data')}; set "
-                        f"train.batch_size to at most {n}")
+    if n is not None:
+      self.check_planned(n)
     return {}
+
+  def check_planned(self, train_size: int) -> None:
+    """The config against `train_size` (an upper bound) training examples: the batch;
+    methods add what else must fit (the memory bank)."""
+    batch = int(self.config.train.batch_size)
+    if train_size < batch:
+      raise ConfigError(f"train.batch_size={batch} exceeds the {train_size} training "
+                        f"examples of {self.config.data.get('name', 'the data')}; set "
+                        f"train.batch_size to at most {train_size}")
 
   # ---- model and optimizer
   @property

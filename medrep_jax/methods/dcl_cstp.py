@@ -147,12 +147,9 @@ class DCLCsTP(ssl_base.PretrainMethod):
     memory_bank.check_bank(k, batch, train_size, devices)
     self._bank_size = k
 
-  def preflight(self, planned):
-    out = super().preflight(planned)
-    n = self.planned_train_size(planned)
-    if n is not None:  # n is an upper bound: what fails here fails in training too
-      self.check_data(n, announce=False)
-    return out
+  def check_planned(self, train_size: int) -> None:
+    super().check_planned(train_size)
+    self.check_data(train_size, announce=False)  # an upper bound: a misfit fails in training too
 
   # ---- step
   def _momentum_embed(self, extras, x):

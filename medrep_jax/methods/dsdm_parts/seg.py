@@ -98,10 +98,7 @@ class SegStage(base.Method):
     real, c = super().planned_train_size(planned), self.config
     if real is None or float(c.synthetic_fraction) <= 0:
       return real
-    folder = str(c.synthetic_dir)
-    if not folder:
-      raise ConfigError("synthetic_fraction > 0 needs synthetic_dir: the images/ folder of a "
-                        "dsdm sample or filter run (in the pipeline: 'stage:filter/images')")
+    folder = synthetic.pool_dir(c)
     pool = (planned.get(folder, 0) if base.pending(folder, planned)
             else len(synthetic.read(folder, self.num_classes, self.channels)))
     return real + int(round(float(c.synthetic_fraction) * pool))

@@ -44,6 +44,14 @@ def read(root: str | pathlib.Path, num_classes: int, channels: int):
                                  channels=channels)
 
 
+def pool_dir(config) -> str:
+  """`config.synthetic_dir`, which a synthetic_fraction > 0 needs."""
+  if not config.synthetic_dir:
+    raise ConfigError("synthetic_fraction > 0 needs synthetic_dir: the images/ folder of a "
+                      "dsdm sample or filter run (in the pipeline: 'stage:filter/images')")
+  return str(config.synthetic_dir)
+
+
 def mix(real, config, num_classes: int):
   """The real train source plus `config.synthetic_fraction` of the pool in
   `config.synthetic_dir` (the fraction of the pool, as the paper samples "a certain
@@ -51,9 +59,6 @@ def mix(real, config, num_classes: int):
   fraction = float(config.synthetic_fraction)
   if fraction <= 0:
     return real
-  if not config.synthetic_dir:
-    raise ConfigError("synthetic_fraction > 0 needs synthetic_dir: the images/ folder of a "
-                      "dsdm sample or filter run (in the pipeline: 'stage:filter/images')")
-  pool = read(config.synthetic_dir, num_classes, int(real.info.channels))
+  pool = read(pool_dir(config), num_classes, int(real.info.channels))
   return mixing.mix(real, pool, fraction=fraction, seed=int(config.seed),
                     keys=("image", "mask"))
