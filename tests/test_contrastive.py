@@ -51,6 +51,17 @@ def test_info_nce_matches_numpy(emb):
   np.testing.assert_allclose(out_bf16, ref_default, rtol=0.05)
 
 
+def test_bank_diagnostics_match_numpy(emb):
+  q, k, _, bank = emb
+  out = jax.jit(cl.bank_diagnostics)(*_f32(q, k, bank))
+  pos, neg = np.sum(q * k, 1), q @ bank.T
+  np.testing.assert_allclose(out["pos_cos"], pos.mean(), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out["neg_cos"], neg.mean(), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out["top1"], np.mean(pos > neg.max(1)))
+  # A query that is its own positive key beats every other unit key.
+  assert float(cl.bank_diagnostics(*_f32(q, q, bank))["top1"]) == 1.0
+
+
 def test_symmetric_kl_matches_numpy_and_properties(emb):
   q, _, p, bank = emb
   tau = 0.2

@@ -84,6 +84,26 @@ def info_nce_with_bank(q: jnp.ndarray, k: jnp.ndarray, bank: jnp.ndarray,
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
+def bank_diagnostics(q: jnp.ndarray, k: jnp.ndarray, bank: jnp.ndarray) -> dict:
+  """Monitors of the instance-discrimination task of eq. 3 (no gradient).
+
+  `pos_cos`: mean cos(q, p) of the positive pairs; `neg_cos`: mean cos(q, n_j) over the
+  bank; `top1`: the fraction of queries whose positive outscores every bank key (MoCo's
+  "acc@1"; chance is 1/(K+1)). L_NCE can only fall below ln(K+1) when pos_cos rises above
+  neg_cos by a margin of order τ.
+
+  Args:
+    q, k: (B, D) l2-normalized queries and positive keys.
+    bank: (K, D) l2-normalized negatives.
+  """
+  _check_pair(q, k, "bank_diagnostics")
+  q, k, bank = (jax.lax.stop_gradient(_f32(a)) for a in (q, k, bank))
+  pos = jnp.sum(q * k, axis=-1)
+  neg = _bank_logits(q, bank, 1.0)
+  return {"pos_cos": jnp.mean(pos), "neg_cos": jnp.mean(neg),
+          "top1": jnp.mean((pos > jnp.max(neg, axis=-1)).astype(jnp.float32))}
+
+
 def symmetric_kl(p: jnp.ndarray, q: jnp.ndarray, bank: jnp.ndarray,
                  temperature: float = DCL_TEMPERATURE) -> jnp.ndarray:
   """Symmetric KL between bank-similarity distributions (DCL-CsTP eq. 4).

@@ -178,13 +178,15 @@ class DCLCsTP(ssl_base.PretrainMethod):
                                        method=ContrastiveNet.embed_and_predict,
                                        mutable=["batch_stats"])
       z = z.reshape(v, b, -1)
-      terms = {}
+      terms, monitors = {}, {}
       if self.uses_bank:  # global stream, eq. 3-4, symmetrized over (v1, v2)
         q1, q2 = cl.l2_normalize(z[0]), cl.l2_normalize(z[1])
         bank = extras["bank"]
         nce = 0.5 * (cl.info_nce_with_bank(q1, k2, bank, l.temperature)
                      + cl.info_nce_with_bank(q2, k1, bank, l.temperature))
         terms["nce"] = jnp.mean(nce)
+        monitors.update({f"global/{k}": x for k, x in
+                         cl.bank_diagnostics(q1, k2, bank).items()})
         if l.global_stream == "dual":
           kl = 0.5 * (cl.symmetric_kl(k2, q1, bank, l.temperature)
                       + cl.symmetric_kl(k1, q2, bank, l.temperature))
@@ -197,7 +199,7 @@ class DCLCsTP(ssl_base.PretrainMethod):
         terms["nt_xent"] = jnp.mean(cl.nt_xent(z[0], z[1], l.nt_xent_temperature))
       loss = (terms.get("nce", 0.0) + float(l.alpha) * terms.get("kl", 0.0)
               + float(l.beta) * terms.get("cs", 0.0) + terms.get("nt_xent", 0.0))
-      return loss, {"metrics": {f"loss/{k}": t for k, t in terms.items()},
+      return loss, {"metrics": {**{f"loss/{k}": t for k, t in terms.items()}, **monitors},
                     "updates": updates}
 
     state, metrics, _ = base.gradient_step(state, loss_fn)

@@ -17,15 +17,20 @@ def fmt(v: Any) -> str:
 
 
 def loss_curve(workdir: pathlib.Path) -> str | None:
-  """Plots train loss (and eval metrics) from metrics.jsonl into figures/loss.png."""
+  """Plots the train loss and each logged loss term (`loss/<term>`, e.g. DCL-CsTP's nce,
+  kl and cs) from metrics.jsonl into figures/loss.png."""
   rows = [r for r in read_metrics(workdir, "train") if "loss" in r]
   if len(rows) < 2:
     return None
   from medrep_jax.eval import figures
   path = workdir / "figures" / "loss.png"
   path.parent.mkdir(parents=True, exist_ok=True)
-  figures.curve_figure([r["step"] for r in rows], {"train loss": [r["loss"] for r in rows]},
-                       path, xlabel="step", ylabel="loss")
+  terms = sorted({k for r in rows for k in r if k.startswith("loss/")})
+  series = {"train loss": [r["loss"] for r in rows]}
+  for k in terms:
+    if all(k in r for r in rows):
+      series[k[len("loss/"):]] = [r[k] for r in rows]
+  figures.curve_figure([r["step"] for r in rows], series, path, xlabel="step", ylabel="loss")
   return str(path.relative_to(workdir))
 
 
