@@ -12,7 +12,9 @@
 * ``HeatmapEncoder``: f_h of Sec. 4.2, three 3x3 conv + ReLU layers, then GAP.
 
 CAMs are float32 (B, h, w, K) arrays: one channel per class, on the grid of the last
-feature map.
+feature map. Every function here also takes volumes, (B, d, h, w, K) feature maps and
+heatmaps, with the same equations (the 3D CAMs of Sec. 4.7: M^c = Σ_i w_i^c F_i on the
+last 3-D feature grid, normalized per volume).
 """
 from __future__ import annotations
 
@@ -23,9 +25,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medrep_jax.models.resnet import global_pool, window
 from medrep_jax.models.unet import last_feature_map
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+# einsum letters of the spatial axes, by rank of a (B, *spatial, C) map.
+_SPATIAL = {4: "hw", 5: "dhw"}
+
+
+def _check_maps(maps: Any, what: str, shape: str = "K") -> str:
+  """The spatial einsum letters of (B, h, w, C) or (B, d, h, w, C) `maps`; else ValueError."""
+  if maps.ndim not in _SPATIAL:
+    raise ValueError(f"{what} must be (B, h, w, {shape}) or (B, d, h, w, {shape}), got shape "
+                     f"{maps.shape}")
+  return _SPATIAL[maps.ndim]
 
 
 def class_activation_maps(feature_map: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -35,50 +48,49 @@ def class_activation_maps(feature_map: jax.Array, kernel: jax.Array) -> jax.Arra
   with it, the spatial mean of M^c plus the bias equals the logit of class c.
 
   Args:
-    feature_map: (B, h, w, K) last feature maps F_i (K = number of feature maps).
+    feature_map: (B, h, w, K) last feature maps F_i (K = number of feature maps), or
+      (B, d, h, w, K) for a 3-D encoder (Sec. 4.7).
     kernel: (K, C) weights w_i^c of the linear layer on the GAP of `feature_map`.
 
   Returns:
-    (B, h, w, C) float32 class activation maps.
+    (B, h, w, C) (or (B, d, h, w, C)) float32 class activation maps.
 
   Raises:
     ValueError: when the shapes do not fit together.
   """
-  if feature_map.ndim != 4:
-    raise ValueError(f"feature_map must be (B, h, w, K), got shape {feature_map.shape}")
+  s = _check_maps(feature_map, "feature_map")
   if kernel.ndim != 2 or kernel.shape[0] != feature_map.shape[-1]:
     raise ValueError(f"kernel must be (K={feature_map.shape[-1]}, num_classes) to match the "
                      f"feature maps, got shape {kernel.shape}")
-  return jnp.einsum("bhwk,kc->bhwc", feature_map.astype(jnp.float32),
+  return jnp.einsum(f"b{s}k,kc->b{s}c", feature_map.astype(jnp.float32),
                     kernel.astype(jnp.float32), precision=_HIGHEST)
 
 
 def unweighted_maps(feature_map: jax.Array) -> jax.Array:
-  """Σ_i F_i: the class-agnostic sum of the feature maps (Table 4, "unweighted"), (B, h, w, 1)."""
-  if feature_map.ndim != 4:
-    raise ValueError(f"feature_map must be (B, h, w, K), got shape {feature_map.shape}")
+  """Σ_i F_i: the class-agnostic sum of the feature maps (Table 4, "unweighted"), (B, h, w, 1)
+  (or (B, d, h, w, 1) for volumes)."""
+  _check_maps(feature_map, "feature_map")
   return jnp.sum(feature_map.astype(jnp.float32), axis=-1, keepdims=True)
 
 
 def minmax_normalize(maps: Any, eps: float = 1e-8) -> Any:
-  """(M − min M) / (max M − min M) over the spatial axes, per image and channel.
+  """(M − min M) / (max M − min M) over the spatial axes, per image (volume) and channel.
 
   A constant map (max == min) becomes all zeros. NumPy input stays NumPy (host-side
   heatmap generation, no device round trip); jax input (e.g. inside a loss) stays jax.
 
   Args:
-    maps: (B, h, w, C) maps.
+    maps: (B, h, w, C) maps, or (B, d, h, w, C) 3-D maps (normalized per volume).
     eps: a range at or below eps counts as constant.
 
   Returns:
-    (B, h, w, C) float32 maps in [0, 1].
+    float32 maps in [0, 1], shaped as `maps`.
   """
   xp = np if isinstance(maps, np.ndarray) else jnp
-  if maps.ndim != 4:
-    raise ValueError(f"maps must be (B, h, w, C), got shape {maps.shape}")
+  axes = tuple(range(1, len(_check_maps(maps, "maps", "C")) + 1))
   maps = maps.astype(xp.float32)
-  lo = xp.min(maps, axis=(1, 2), keepdims=True)
-  span = xp.max(maps, axis=(1, 2), keepdims=True) - lo
+  lo = xp.min(maps, axis=axes, keepdims=True)
+  span = xp.max(maps, axis=axes, keepdims=True) - lo
   return xp.where(span > eps, (maps - lo) / xp.maximum(span, eps), 0.0).astype(xp.float32)
 
 
@@ -103,12 +115,13 @@ def cams_from_variables(encoder: nn.Module, variables: Mapping[str, Any],
     variables: the classifier's variables, with `params["encoder"]`,
       `params["head"]["kernel"]` (K, C) and `params["head"]["bias"]` (and, if any,
       `batch_stats["encoder"]`).
-    images: (B, H, W, channels) inputs in the classifier's input range.
+    images: (B, H, W, channels) inputs in the classifier's input range, or
+      (B, D, H, W, channels) volumes for a 3-D encoder (Sec. 4.7).
     weighted: False gives the unweighted maps of Table 4 (one channel).
 
   Returns:
-    (logits (B, C), maps (B, h, w, C) or (B, h, w, 1)), both float32; the encoder runs in
-    inference mode.
+    (logits (B, C), maps (B, h, w, C) or (B, h, w, 1)), both float32 (maps on the
+    (d, h, w) grid for volumes); the encoder runs in inference mode.
   """
   head = _sub_variables(variables, "head")["params"]
   feats = encoder.apply(_sub_variables(variables, "encoder"), images, train=False)
@@ -123,14 +136,16 @@ class HeatmapEncoder(nn.Module):
   """f_h: three 3x3 conv + ReLU layers on a heatmap crop, then GAP (CAMContrast Sec. 4.2).
 
   The paper states the layer count and kernel size; the widths (and padding "SAME", so
-  a 2x2 heatmap crop is valid) are our choice.
+  a 2x2 heatmap crop is valid) are our choice. On (B, d, h, w, 1) heatmap crops of
+  volumes (Sec. 4.7) the convs are 3x3x3 and the GAP runs over d, h, w.
 
   Attributes:
     widths: output channels of the three convolutions.
     dtype: compute dtype; parameters are float32.
 
-  ``__call__(heatmaps (B, h, w, 1), train)`` returns ``{"c1": last map, "pooled": (B, D)}``
-  so that ``heads.MLPProjector`` (g_h) can take it like an image encoder's features.
+  ``__call__(heatmaps (B, h, w, 1) or (B, d, h, w, 1), train)`` returns
+  ``{"c1": last map, "pooled": (B, D)}`` so that ``heads.MLPProjector`` (g_h) can take it
+  like an image encoder's features.
   """
   widths: Sequence[int] = (32, 64, 128)
   dtype: Any = jnp.float32
@@ -138,10 +153,9 @@ class HeatmapEncoder(nn.Module):
   @nn.compact
   def __call__(self, heatmaps: jax.Array, train: bool = False) -> dict[str, jax.Array]:
     del train  # no normalization layers
-    if heatmaps.ndim != 4:
-      raise ValueError(f"heatmaps must be (B, h, w, C), got shape {heatmaps.shape}")
+    _check_maps(heatmaps, "heatmaps", "C")
     x = heatmaps.astype(self.dtype)
     for i, width in enumerate(self.widths):
-      x = nn.relu(nn.Conv(width, (3, 3), padding="SAME", dtype=self.dtype,
+      x = nn.relu(nn.Conv(width, window(3, x), padding="SAME", dtype=self.dtype,
                           param_dtype=jnp.float32, name=f"conv{i + 1}")(x))
-    return {"c1": x, "pooled": jnp.mean(x, axis=(1, 2)).astype(jnp.float32)}
+    return {"c1": x, "pooled": global_pool(x).astype(jnp.float32)}
