@@ -142,8 +142,7 @@ def build_catalog(root: str | pathlib.Path, split: str, spec: Spec,
   if not root.is_dir():
     raise DataError(f"data root folder {root} does not exist; check the path (data.root)")
   index = pairing.FileIndex(root, keep=_keep(spec.suffixes))
-  prefix = _split_prefix(root, spec)
-  images = _prefixed(spec.images) if prefix else spec.images
+  prefix, images = split_prefix(root, spec)
   mask, roi = spec.mask, spec.roi
   if prefix:
     mask = dataclasses.replace(mask, pattern=_prefixed(mask.pattern))
@@ -153,10 +152,39 @@ def build_catalog(root: str | pathlib.Path, split: str, spec: Spec,
   cands, skipped = pairing.pair(index, cands, mask, roi)
   _check_unpaired(root, spec, skipped)
   items = [Item(c.path, c.masks, c.roi, parts=c.parts) for c in cands]
+  return finish_catalog(root, split, spec, items, skipped, prefix, rows=rows,
+                        no_items=lambda: _no_images_error(root, spec, images, index,
+                                                          skipped))
+
+
+def split_prefix(root: pathlib.Path, spec: Spec) -> tuple[bool, str]:
+  """(whether the pattern is read inside split folders, the image pattern to list)."""
+  prefix = _split_prefix(root, spec)
+  return prefix, _prefixed(spec.images) if prefix else spec.images
+
+
+def finish_catalog(root: pathlib.Path, split: str, spec: Spec, items: list[Item],
+                   skipped: list[tuple[str, str]], prefix: bool, *,
+                   rows: Callable[[Item], list[int] | None] | None = None,
+                   no_items: Callable[[], Exception] | None = None,
+                   multi_label: bool = True) -> Catalog:
+  """The steps after listing, shared by every folder-like source (images, volumes):
+  label, carve splits, group, expand stacked rows, select `split`.
+
+  Args:
+    items: the listed items (paths relative to root); skipped collects (path, reason).
+    prefix: whether the items were listed inside split folders (`split_prefix`).
+    no_items: the error to raise when no item is left (default: a generic DataError).
+    multi_label: False makes multi-label columns (data.label_columns) an error.
+  """
   items, names, multi = _label(root, spec, items, skipped)
+  if multi and not multi_label:
+    raise DataError(f"{spec.labels_csv}: this source takes one label per case, not "
+                    "multi-label columns (data.label_columns)")
   items = _assign_splits(root, spec, items, skipped, prefix)
   if not items:
-    raise _no_images_error(root, spec, images, index, skipped)
+    raise (no_items() if no_items else
+           DataError(f"no items under {root} match data.images={spec.images!r}. {HINT}"))
   _assign_groups(spec, items)
   if rows is not None:
     items = _rows(spec, items, rows)

@@ -71,8 +71,9 @@ def summarize(source: Source, *, samples: int = 16) -> dict[str, Any]:
       num_skipped=max(len(skipped), int(getattr(source, "num_skipped_at_init", 0))),
       sampled=records,
       sample_errors=errors,
-      sizes=collections.Counter(f"{x.shape[0]}x{x.shape[1]}" for x in images),
-      channels=collections.Counter(x.shape[-1] if x.ndim == 3 else 1 for x in images),
+      sizes=collections.Counter("x".join(map(str, x.shape[:3 if x.ndim == 4 else 2]))
+                                for x in images),  # DxHxW for whole volumes
+      channels=collections.Counter(x.shape[-1] if x.ndim in (3, 4) else 1 for x in images),
       dtypes=collections.Counter(str(x.dtype) for x in images),
       value_range=(min(float(x.min()) for x in images), max(float(x.max()) for x in images))
       if images else None,
@@ -258,8 +259,10 @@ def contact_sheet(items: Sequence[tuple[str, dict]], path: str | os.PathLike, *,
   sheet = Image.new("RGB", (columns * cell, rows * (cell + caption)), (24, 24, 24))
   draw = ImageDraw.Draw(sheet)
   for n, (split, r) in enumerate(items):
-    image = np.asarray(r["image"])
-    tile = Image.fromarray(overlay(image, r.get("mask")))
+    image, mask = np.asarray(r["image"]), r.get("mask")
+    if image.ndim == 4:  # a whole volume (D, H, W, C): its middle slice
+      image, mask = image[len(image) // 2], None if mask is None else mask[len(mask) // 2]
+    tile = Image.fromarray(overlay(image, mask))
     scale = cell / max(tile.width, tile.height)
     tile = tile.resize((max(1, round(tile.width * scale)), max(1, round(tile.height * scale))),
                        Image.NEAREST if scale > 1 else Image.BILINEAR)

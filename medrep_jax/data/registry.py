@@ -2,10 +2,12 @@
 
 Generic kinds: phantoms, image_folder, image_mask_folder, folder (any layout,
 by path patterns), arrays (stacked .npy/.npz arrays), medmnist, dicom, tfds, rle_csv
-(images with masks run-length encoded in a CSV, the SIIM-ACR layout).
+(images with masks run-length encoded in a CSV, the SIIM-ACR layout); for 3-D methods,
+volume_folder (whole volumes: a volume file or a DICOM series per case, `volumes.py`)
+and phantoms3d (procedural volumes with lesions).
 Presets for the local real sets (default root `$MEDREP_DATA_DIR/<folder>` when
 `root` is empty): kermany, kvasir_seg, busi, drive, isbi2012_membrane,
-kaggle_lungs_ct_64, pneumoniamnist, retinamnist, covid_ct. Manual TFDS presets
+kaggle_lungs_ct_64, pneumoniamnist, retinamnist, covid_ct, covid_ct_volume. Manual TFDS presets
 (root = the manual download folder; prepared into `tfds_data_dir` on first use):
 covid19_radiography, isic2018, kvasir_seg_tfds.
 
@@ -26,8 +28,8 @@ from typing import Any
 import ml_collections
 
 from medrep_jax.data import (catalog, folder, masks, pairing, readers, rle_source,
-                             tfds_builders)
-from medrep_jax.data.phantoms import Phantoms
+                             tfds_builders, volumes)
+from medrep_jax.data.phantoms import Phantoms, Phantoms3D
 from medrep_jax.data.sources import DataError, Source, SourceInfo, window_of
 
 # Every field any reader or `build_transforms` reads. 0 / "" / () mean "from the
@@ -99,20 +101,31 @@ DEFAULTS: dict[str, Any] = dict(
     rle_column="EncodedPixels",
     rle_relative=True,        # SIIM's relative starts; False = absolute 1-based (Kaggle)
     rle_order="F",            # pixel numbering: "F" column-major (x * H + y), "C" row-major
+    # -- whole volumes (volume_folder, phantoms3d; data/volumes.py); () = not a volume kind
+    volume_size=(),           # (D, H, W) the source resizes every volume to (trilinear)
+    volume_norm="auto",       # to [0, 1]: "window" (HU window above), "percentile", "minmax",
+                              # "none"; "auto" = window when one is set, else percentile
+    volume_percentiles=(0.5, 99.5),  # "percentile": per-volume (low, high) -> 0, 1
+    dicom_series="one",       # a case folder with several series: "one" (error), "split"
+                              # (each series a case) or "stack" (all files one volume)
 )
 
 # Preset fields `data_config` copies into the config: choices of the run, not facts of
 # the data. Every other preset field is read by `get_source` when the config leaves it
 # at its default.
-RUN_CHOICES = ("image_size", "window_level", "window_width")
+RUN_CHOICES = ("image_size", "window_level", "window_width", "volume_size")
 
 _KINDS = ("phantoms", "image_folder", "image_mask_folder", "folder", "arrays", "medmnist",
-          "dicom", "tfds", "rle_csv")
+          "dicom", "tfds", "rle_csv", "volume_folder", "phantoms3d")
 PRESETS: dict[str, dict[str, Any]] = {k: dict(kind=k) for k in _KINDS}
 PRESETS["phantoms"].update(image_size=64, channels=1, num_classes=3, has_mask=True,
                            num_mask_classes=3)
 PRESETS["arrays"].update(stacked=True)
 PRESETS["rle_csv"].update(has_mask=True, num_classes=2)
+# CAMContrast Sec. 4.7: volumes of 80 x 96 x 80 (ADNI T1 MRI after Clinica).
+PRESETS["volume_folder"].update(volume_size=(80, 96, 80))
+PRESETS["phantoms3d"].update(volume_size=(32, 32, 32), channels=1, num_classes=2,
+                             has_mask=True, num_mask_classes=2)
 PRESETS.update(
     kermany=dict(kind="image_folder", folder="kermany_chest_xray_224", image_size=224,
                  channels=1, num_classes=2),
@@ -142,6 +155,13 @@ PRESETS.update(
                      channels=3, num_classes=5),
     covid_ct=dict(kind="dicom", folder="ct_covid19_ny_sbu_dicom", image_size=256, channels=1,
                   window_level=-600.0, window_width=1500.0),
+    # The same CT set as volumes: each patient's axial folder holds one single-slice series
+    # per study (prior and current), so every series is a case of depth 1 (20 cases of 10
+    # patients, kept together by group_by), stretched to a small size for smoke runs.
+    covid_ct_volume=dict(kind="volume_folder", folder="ct_covid19_ny_sbu_dicom",
+                         images="{patient}/axial", dicom_series="split", group_by="^([^/]+)/",
+                         volume_size=(16, 32, 32), channels=1, window_level=-600.0,
+                         window_width=1500.0),
     covid19_radiography=dict(kind="tfds_manual", tfds_name="medrep_covid19_radiography",
                              image_size=256, channels=1, num_classes=4, has_mask=True),
     isic2018=dict(kind="tfds_manual", tfds_name="medrep_isic2018", tfds_config="max512",
@@ -303,6 +323,12 @@ def get_source(data_cfg: Any, split: str) -> Source:
         skip_corrupt=bool(get("skip_corrupt")), name=data_cfg.name)
   if kind == "rle_csv":
     return rle_source.from_fields(_root(data_cfg, preset), split, f, name=data_cfg.name)
+  if kind == "volume_folder":
+    return volumes.from_fields(_root(data_cfg, preset), split, f, name=data_cfg.name)
+  if kind == "phantoms3d":
+    return Phantoms3D(split, num_examples=int(get("num_examples")) or None,
+                      volume_size=tuple(get("volume_size")), channels=channels or 1,
+                      seed=int(get("seed")))
   if kind == "medmnist":
     return readers.MedMNIST(_root(data_cfg, preset), split,
                             num_classes=int(get("num_classes")) or None,

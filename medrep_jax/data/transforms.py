@@ -242,6 +242,33 @@ class CheckShapes(grain.transforms.Map):
     return element
 
 
+@dataclasses.dataclass(frozen=True)
+class CheckVolume(grain.transforms.Map):
+  """Final check of whole volumes: "image" is (D, H, W, C) at `size` (and `channels`)."""
+  size: tuple[int, int, int]
+  channels: int | None = None
+
+  def map(self, element: Record) -> Record:
+    shape = np.shape(element["image"])
+    want = tuple(self.size) + ((self.channels,) if self.channels else shape[-1:])
+    if shape != want:
+      raise DataError(f"element {element.get('index', '?')}: volume shape {shape} after the "
+                      f"transforms, expected {want} (data.volume_size, data.channels)")
+    return element
+
+
+def volume_transforms(data_cfg: Any) -> list[Any]:
+  """Host pipeline of sources that give whole volumes already at `data.volume_size` in
+  [0, 1] (kinds volume_folder, phantoms3d: `data/volumes.py`): ToChannels(channels) when
+  set, Normalize(`normalize`; no value range: the source applied the window) and
+  CheckVolume."""
+  size = tuple(int(s) for s in data_cfg.volume_size)
+  channels = int(data_cfg.get("channels", 0) or 0) or None
+  out = [ToChannels(channels)] if channels else []
+  out.append(Normalize(mode=str(data_cfg.get("normalize", "unit"))))
+  return out + [CheckVolume(size, channels)]
+
+
 def color_norm_transform(data_cfg: Any) -> list[Any]:
   """[ReinhardNormalize] from `data.color_norm` and its reference, or [] when it is off.
 
@@ -303,8 +330,11 @@ def build_transforms(data_cfg: Any) -> list[Any]:
   (volumes of different depths batch only with a batch size of 1). The optional HU window
   `window_level`/`window_width` is Normalize's value_range for float images.
   The pipeline is deterministic; augmentation runs on device
-  (`medrep_jax.data.augment`).
+  (`medrep_jax.data.augment`). A config with `data.volume_size` (whole volumes resized
+  by their source) gets `volume_transforms` instead.
   """
+  if tuple(data_cfg.get("volume_size", ()) or ()):
+    return volume_transforms(data_cfg)
   size = int(data_cfg.image_size)
   channels = data_cfg.get("channels", None)
   window = window_of(data_cfg)

@@ -171,6 +171,36 @@ def curve_figure(x: Sequence[float], ys: Mapping[str, Sequence[float]],
   return _save(fig, path, dpi)
 
 
+def curve_panels_figure(panels: Mapping[str, Mapping[str, tuple[Sequence[float],
+                                                                  Sequence[float]]]],
+                        path: str | os.PathLike, xlabel: str = "step",
+                        hlines: Mapping[str, float] | None = None, dpi: int = 100) -> str:
+  """One panel per quantity, one line per run, each with its own x (runs of different
+  lengths): panels = {panel title: {run label: (x, y)}}; `hlines` = {panel title: y} draws
+  a dashed reference (e.g. the chance level ln(K + 1) of InfoNCE)."""
+  n = max(1, len(panels))
+  cols = min(n, 3)
+  rows = math.ceil(n / cols)
+  fig = Figure(figsize=(4.2 * cols, 3.2 * rows))
+  axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+  labels = list(dict.fromkeys(l for series in panels.values() for l in series))
+  palette = _class_colors(len(labels))  # one colour per run in every panel
+  for ax, (title, series) in zip(axes, panels.items()):
+    for label, (x, y) in series.items():
+      ax.plot(np.asarray(x), np.asarray(y), label=label, linewidth=1.2,
+              color=palette[labels.index(label)])
+    if hlines and title in hlines:
+      ax.axhline(hlines[title], color="k", linestyle="--", linewidth=0.8, label="chance")
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  for ax in axes[len(panels):]:
+    ax.set_visible(False)
+  fig.tight_layout()
+  return _save(fig, path, dpi)
+
+
 def heatmap_overlay_grid(images: np.ndarray, heatmaps: Mapping[str, np.ndarray],
                          path: str | os.PathLike, titles: Sequence[str] | None = None,
                          alpha: float = 0.5, title: str | None = None, dpi: int = 100) -> str:
@@ -212,6 +242,52 @@ def heatmap_overlay_grid(images: np.ndarray, heatmaps: Mapping[str, np.ndarray],
     fig.suptitle(title, fontsize=10)
   fig.tight_layout()
   return _save(fig, path, dpi)
+
+
+VOLUME_VIEWS = ("axial", "coronal", "sagittal")
+
+
+def volume_views_figure(volumes: np.ndarray, heatmaps: np.ndarray | None,
+                        path: str | os.PathLike, at: str = "middle",
+                        names: Sequence[str] | None = None, alpha: float = 0.5,
+                        title: str | None = None, dpi: int = 100) -> str:
+  """Axial, coronal and sagittal slices of each volume with its heatmap overlaid.
+
+  Three columns per volume: the slices at fixed D (axial: H x W), fixed H (coronal:
+  D x W) and fixed W (sagittal: D x H), in stored orientation (rows of the coronal and
+  sagittal views run along D), drawn by `heatmap_overlay_grid` (a row of images, then
+  a row of overlays on the fixed [0, 1] range).
+
+  Args:
+    volumes: (N, D, H, W) or (N, D, H, W, C), any range (each slice is min-max normalized).
+    heatmaps: (N, d, h, w) heatmaps in [0, 1] at any resolution (e.g. a 3-D CAM), or None
+      for the slices alone.
+    path: output PNG path.
+    at: "middle" (the middle slice on each axis) or "peak" (the slices through the
+      heatmap maximum, the middle for a constant heatmap).
+    names: optional names of the volumes (column titles).
+    alpha, title, dpi: as `heatmap_overlay_grid`.
+  """
+  if at not in ("middle", "peak"):
+    raise ValueError(f"at={at!r}; expected 'middle' or 'peak'")
+  images, maps, titles = [], [], []
+  for i, vol in enumerate(volumes):
+    vol = np.asarray(vol)
+    shape = vol.shape[:3]
+    heat = None if heatmaps is None else np.asarray(heatmaps[i], np.float64)
+    centre = [n // 2 for n in shape]
+    if at == "peak" and heat is not None and heat.max() > heat.min():
+      peak = np.unravel_index(int(np.argmax(heat)), heat.shape)
+      centre = [min(int((p + 0.5) * n / m), n - 1) for p, n, m in zip(peak, shape, heat.shape)]
+    for axis, view in enumerate(VOLUME_VIEWS):
+      images.append(np.take(vol, centre[axis], axis=axis))
+      if heat is not None:
+        cell = min(centre[axis] * heat.shape[axis] // shape[axis], heat.shape[axis] - 1)
+        maps.append(np.take(heat, cell, axis=axis))
+      name = names[i] if names is not None else f"#{i}"
+      titles.append(f"{name} {view} {centre[axis]}")
+  return heatmap_overlay_grid(images, {"heatmap": maps} if heatmaps is not None else {},
+                              path, titles=titles, alpha=alpha, title=title, dpi=dpi)
 
 
 def paired_bar_figure(groups: Mapping[str, Mapping[str, Sequence[float]]],
