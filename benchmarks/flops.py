@@ -3,7 +3,8 @@
 ``count_flops(fn, *args)`` traces ``fn`` to a jaxpr (no compilation, no
 device work; ``args`` may be ``jax.ShapeDtypeStruct``) and adds up the
 multiply-adds of every convolution and matmul, 2 FLOPs each: a conv costs
-2 x out elements x kernel taps x input channels per group, a ``dot_general``
+2 x out elements x kernel taps x input channels per group (over the input
+dilation for a transposed conv: the inserted zeros are no work), a ``dot_general``
 2 x out elements x contracted size. Sub-jaxprs (jit, remat, custom
 derivatives) are walked and ``scan`` bodies are multiplied by their length.
 Element-wise ops, norms and softmaxes are not counted: this is the "model
@@ -31,7 +32,10 @@ def _conv_flops(eqn) -> float:
   rhs = eqn.invars[1].aval.shape
   rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out feat, in feat, spatial...)
   taps_times_cin = math.prod(rhs) / rhs[rhs_spec[0]]
-  return 2.0 * math.prod(out) * taps_times_cin
+  # A transposed conv is a conv over the input dilated with zeros (lhs_dilation s): only
+  # 1 / prod(s) of the taps meet an input pixel, so the work is that of the sub-pixel form.
+  zeros = math.prod(eqn.params.get("lhs_dilation") or (1,))
+  return 2.0 * math.prod(out) * taps_times_cin / zeros
 
 
 def _dot_flops(eqn) -> float:

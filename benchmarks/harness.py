@@ -103,6 +103,25 @@ def compile_time(jitted: Any, *args: Any, **kwargs: Any) -> CompileResult:
   return CompileResult(compiled, mid - start, time.perf_counter() - mid, lowered)
 
 
+class TraceResult(NamedTuple):
+  """A step traced (and lowered) for abstract arguments (nothing compiled or run)."""
+  lowered: Any
+  trace_s: float
+  lower_s: float | None
+
+
+def trace_time(jitted: Any, *args: Any, lower: bool = True) -> TraceResult:
+  """Traces ``jitted`` for these (possibly ``jax.ShapeDtypeStruct``) arguments and, with
+  ``lower``, lowers it, timing each phase; compiles nothing."""
+  start = time.perf_counter()
+  traced = jitted.trace(*args)
+  if not lower:
+    return TraceResult(None, time.perf_counter() - start, None)
+  mid = time.perf_counter()
+  lowered = traced.lower()
+  return TraceResult(lowered, mid - start, time.perf_counter() - mid)
+
+
 def _cost_entries(compiled: Any) -> list[Mapping[str, Any]]:
   try:
     cost = compiled.cost_analysis()
@@ -255,20 +274,23 @@ def _jsonable(x: Any) -> Any:
   return repr(x)
 
 
+def results_path(name: str) -> pathlib.Path:
+  """``benchmarks/results/{name}-{UTC time}.json`` (that folder is gitignored)."""
+  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+  return RESULTS_DIR / f"{name}-{stamp}.json"
+
+
 def write_json(record: Mapping[str, Any], path: str | os.PathLike | None = None, *,
                name: str = "bench") -> pathlib.Path:
   """Writes ``record`` as indented JSON; returns the path.
 
   Args:
     record: JSON-able mapping (numpy scalars and arrays are converted).
-    path: the file to write; None for ``benchmarks/results/{name}-{UTC time}.json``
-      (that folder is gitignored). Parent folders are created.
+    path: the file to write; None for ``results_path(name)``. Parent folders are
+      created.
     name: the file-name stem when ``path`` is None.
   """
-  if path is None:
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = RESULTS_DIR / f"{name}-{stamp}.json"
-  path = pathlib.Path(path)
+  path = pathlib.Path(path if path is not None else results_path(name))
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(record, indent=2, default=_jsonable) + "\n")
   return path

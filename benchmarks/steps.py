@@ -59,10 +59,14 @@ class StepBench:
     method: an already built method for ``config`` (default: ``load_method``);
       the ``prepare`` hook of a workload can set fields on it first.
     devices: devices of the mesh (default: all).
+    abstract: trace only: the batch and the state are ``jax.ShapeDtypeStruct``s (the
+      state from ``jax.eval_shape`` of the method's init, as ``Trainer.build_state``
+      derives its shardings), so nothing is initialized, compiled or run; ``trace()``
+      then traces (and lowers) the step at full size in seconds.
   """
 
   def __init__(self, config: Any, batch: Mapping[str, np.ndarray], *, method: Any = None,
-               devices: Any = None):
+               devices: Any = None, abstract: bool = False):
     self._tmp = tempfile.TemporaryDirectory(prefix="medrep_bench_")
     self.config = config
     self.method = method if method is not None else load_method(config)
@@ -71,8 +75,15 @@ class StepBench:
     self.mesh = self.trainer.mesh
     self.counter = guards.count_traces(self.method)
     with jax.set_mesh(self.mesh):
-      self.batch = mesh_lib.to_global(dict(batch), self.mesh)
-      self.state = self.trainer.build_state(self.batch)
+      if abstract:
+        sharding = mesh_lib.batch_sharding(self.mesh)
+        self.batch = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), dict(batch))
+        self.state = jax.eval_shape(self.method.init_state, jax.random.key(0), self.batch)
+        self.trainer.state_sharding = self.method.state_shardings(self.state, self.mesh)
+      else:
+        self.batch = mesh_lib.to_global(dict(batch), self.mesh)
+        self.state = self.trainer.build_state(self.batch)
       self.step_fn = self.trainer._compile_step()  # pylint: disable=protected-access
     self.metrics = None
     self.batch_size = int(next(iter(batch.values())).shape[0])
@@ -87,6 +98,13 @@ class StepBench:
     return {"lower_s": res.lower_s, "compile_s": res.compile_s,
             "flops_per_example_xla": None if xla is None else xla / self.batch_size,
             "memory": mem, "memory_peak_bytes": peak, "donation_warnings": donation}
+
+  def trace(self, lower: bool = True) -> dict[str, Any]:
+    """Traces (and lowers) the step of an ``abstract`` bench; returns the timing fields."""
+    with jax.set_mesh(self.mesh):
+      res = harness.trace_time(self.step_fn, self.state, self.batch, lower=lower)
+    self.lowered = res.lowered
+    return {"trace_s": res.trace_s, "lower_s": res.lower_s}
 
   def __call__(self) -> Any:
     """One step through the jitted function (the cached executable); threads the state."""
@@ -163,12 +181,12 @@ def jit_cache_size(jitted: Any) -> int | None:
 
 @contextlib.contextmanager
 def built(config: Any, batch: Mapping[str, np.ndarray], prepare: Callable[[Any], None] | None
-          = None, devices: Any = None):
+          = None, devices: Any = None, abstract: bool = False):
   """``StepBench`` for ``config`` after ``prepare(method)``; closed on exit."""
   method = load_method(config)
   if prepare is not None:
     prepare(method)
-  bench = StepBench(config, batch, method=method, devices=devices)
+  bench = StepBench(config, batch, method=method, devices=devices, abstract=abstract)
   try:
     yield bench
   finally:

@@ -1,15 +1,20 @@
 """Side-by-side timing of a JAX step and PyTorch reference steps in one process.
 
-The PyTorch setups: on CPU eager fp32 (``torch.compile`` only when asked; it
-takes minutes to compile on 2 cores); on CUDA the strong setup the issue asks
-for, bf16 autocast + channels-last, eager and ``torch.compile``d, so the
-reported ``speedup_vs_torch`` is against the strongest one. Rounds alternate
-JAX and torch (ABBA) so load changes on a shared machine hit both.
+Every A/B row has two PyTorch references (issue 18): the eager step and the same step
+under ``torch.compile`` (inductor), the setup a performance-minded PyTorch user runs. On
+CPU both run in float32 (inductor needs a working C++ compiler); on CUDA, and in the GPU
+suite's ``--dry-run``, in bf16 autocast + channels-last. A row reports
+``speedup_vs_torch_eager`` and ``speedup_vs_torch_compile`` (torch step / JAX step per
+A/B round: median, min, max; > 1: JAX is faster) and ``speedup_vs_torch`` against the
+faster of the two (``torch_setup``). A compiled setup that fails (no C++ compiler, an
+inductor error) or is not run leaves ``speedup_vs_torch_compile`` None and says why in
+``torch_notes``; it never fails the row. Rounds alternate JAX and torch (ABBA) so load
+changes on a shared machine hit both.
 """
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 
@@ -17,6 +22,7 @@ from benchmarks import harness
 
 # A factory: (amp, channels_last, compile) -> a no-argument callable running one torch step.
 TorchFactory = Callable[[bool, bool, bool], Callable[[], Any]]
+KINDS = ("eager", "compile")  # The two references: speedup_vs_torch_<kind>.
 
 
 def torch_or_none():
@@ -33,25 +39,23 @@ def device() -> str:
   return "cuda" if torch is not None and torch.cuda.is_available() else "cpu"
 
 
-def setups(torch_compile: bool | None) -> list[dict[str, Any]]:
-  """The torch setups to compare against, weakest first.
+def setups(torch_compile: bool = True, *, gpu: bool | None = None) -> list[dict[str, Any]]:
+  """The torch setups to compare against: eager, then ``torch.compile`` when asked.
 
-  ``torch_compile``: None = on CUDA only, True = also on CPU, False = never.
+  ``gpu``: the GPU setups (bf16 autocast + channels-last) rather than float32; None = on
+  CUDA only (True builds them on CPU too, as the GPU suite's dry run does).
   """
-  if device() == "cuda":
-    out = [dict(name="eager_bf16_channels_last", amp=True, channels_last=True, compile=False)]
-    if torch_compile is not False:
-      out.append(dict(name="compiled_bf16_channels_last", amp=True, channels_last=True,
-                      compile=True))
-    return out
-  out = [dict(name="eager", amp=False, channels_last=False, compile=False)]
+  gpu = device() == "cuda" if gpu is None else gpu
+  settings = dict(amp=gpu, channels_last=gpu)
+  suffix = "_bf16_channels_last" if gpu else ""
+  out = [dict(name=f"eager{suffix}", kind="eager", compile=False, **settings)]
   if torch_compile:
-    out.append(dict(name="compiled", amp=False, channels_last=False, compile=True))
+    out.append(dict(name=f"compiled{suffix}", kind="compile", compile=True, **settings))
   return out
 
 
 def autocast_module(module: Any) -> Any:
-  """Wraps a torch module so its forward runs under CUDA bf16 autocast (float32 out)."""
+  """Wraps a torch module so its forward runs under bf16 autocast (float32 out)."""
   torch = torch_or_none()
 
   class Autocast(torch.nn.Module):
@@ -72,6 +76,8 @@ def set_threads(step: Callable[[], Any], spec: str) -> tuple[int | None, dict[st
   """Sets torch's intra-op threads: an int, or "auto" (probe 1 and all cores, keep the
   faster; OpenMP barriers crawl when a loaded machine deschedules a thread)."""
   torch = torch_or_none()
+  if torch is None:
+    return None, {}
   if device() == "cuda":
     return torch.get_num_threads(), {}
   if spec != "auto":
@@ -81,37 +87,87 @@ def set_threads(step: Callable[[], Any], spec: str) -> tuple[int | None, dict[st
   return pick_threads(step, sorted({1, torch.get_num_threads()}), probe_steps=1)
 
 
+def build(factory: Callable[..., Callable[[], Any]], setup: Mapping[str, Any], **kwargs: Any
+          ) -> tuple[Callable[[], Any], float]:
+  """(step, seconds of its first calls): the step of ``setup`` called once, or twice when
+  compiled (``torch.compile`` may recompile on call 2), so compilation is not timed."""
+  step = factory(setup["amp"], setup["channels_last"], setup["compile"], **kwargs)
+  start = time.perf_counter()
+  for _ in range(2 if setup["compile"] else 1):
+    harness.sync(step())
+  return step, time.perf_counter() - start
+
+
+def error_text(e: BaseException, limit: int = 300) -> str:
+  """``Type: message`` on one line, at most ``limit`` characters."""
+  return " ".join(f"{type(e).__name__}: {e}".split())[:limit]
+
+
+def failed(setup: Mapping[str, Any], e: BaseException, out: dict[str, Any]) -> None:
+  """Records a failed compiled setup in ``out`` (raises ``e`` again for an eager one: the
+  reference itself is broken, and the row must fail)."""
+  if setup["kind"] == "eager":
+    raise e
+  out["torch"][setup["name"]] = {**settings(setup), "error": error_text(e)}
+  out["torch_notes"].append(f"torch.compile failed: {error_text(e, 200)}")
+
+
+def settings(setup: Mapping[str, Any]) -> dict[str, Any]:
+  return {k: setup[k] for k in ("kind", "amp", "channels_last", "compile")}
+
+
+def setup_record(setup: Mapping[str, Any], timing: Mapping[str, Any], batch: int,
+                 first_s: float | None, threads: int | None,
+                 probe: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """The ``torch[<setup>]`` entry of a row: settings, step time, examples/s, first calls."""
+  return {**settings(setup), "device": device(), "step_s": timing["median_s"],
+          "examples_per_sec": batch / timing["median_s"], "first_calls_s": first_s,
+          "times": timing["times"], "threads": threads, "thread_probe_s": dict(probe or {})}
+
+
+def ratio_fields(measured: Sequence[tuple[Mapping[str, Any], dict[str, Any]]],
+                 torch_records: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+  """``speedup_vs_torch_<kind>`` for both kinds (None when not measured), and
+  ``speedup_vs_torch`` / ``torch_setup`` against the faster measured setup (lower median
+  torch step time)."""
+  out: dict[str, Any] = {f"speedup_vs_torch_{k}": None for k in KINDS}
+  for s, ratio in measured:
+    out[f"speedup_vs_torch_{s['kind']}"] = ratio
+  if measured:
+    s, ratio = min(measured, key=lambda m: torch_records[m[0]["name"]]["step_s"])
+    out["speedup_vs_torch"], out["torch_setup"] = ratio, s["name"]
+  return out
+
+
 def compare(jax_fn: Callable[[], Any], factory: TorchFactory, *, batch: int, rounds: int,
-            iters: int, threads: str = "auto", torch_compile: bool | None = None
+            iters: int, threads: str = "auto", torch_compile: bool = True,
+            gpu: bool | None = None, notes: Sequence[str] = ()
             ) -> tuple[dict[str, Any], dict[str, Any]]:
-  """A/B rounds of ``jax_fn`` against each torch setup.
+  """A/B rounds of ``jax_fn`` against each torch setup (``setups(torch_compile, gpu=gpu)``).
 
   Returns:
-    (JAX timing of the first comparison, record fields: ``torch`` {setup:
-    timing and settings}, ``speedup_vs_torch`` against the last (strongest)
-    setup and ``speedup_vs_torch_<setup>`` for each).
+    (JAX timing of the first comparison, record fields: ``torch`` {setup: timing and
+    settings, or ``error``}, ``ratio_fields``, and ``torch_notes``: ``notes`` plus a line
+    per failed compiled setup).
   """
-  out: dict[str, Any] = {"torch": {}}
-  jax_timing = None
-  for i, s in enumerate(setups(torch_compile)):
-    step = factory(s["amp"], s["channels_last"], s["compile"])
-    start = time.perf_counter()
-    for _ in range(2 if s["compile"] else 1):  # torch.compile may recompile on call 2.
-      harness.sync(step())
-    first_s = time.perf_counter() - start
-    n_threads, probe = set_threads(step, threads) if i == 0 else (None, {})
-    with jax.transfer_guard("disallow"):
-      ab = harness.ab_compare(jax_fn, step, rounds, iters=iters, warmup=0)
+  out: dict[str, Any] = {"torch": {}, "torch_notes": list(notes)}
+  measured, jax_timing, n_threads = [], None, None
+  for s in setups(torch_compile, gpu=gpu):
+    try:
+      step, first_s = build(factory, s)
+      probe: dict[str, Any] = {}
+      if n_threads is None:
+        n_threads, probe = set_threads(step, threads)
+      with jax.transfer_guard("disallow"):
+        ab = harness.ab_compare(jax_fn, step, rounds, iters=iters, warmup=0)
+    except Exception as e:  # pylint: disable=broad-except  # Reported in the row.
+      failed(s, e, out)
+      continue
     jax_part, torch_part = ab.pop("jax"), ab.pop("torch")
     jax_timing = jax_timing or jax_part
-    out["torch"][s["name"]] = {
-        **{k: s[k] for k in ("amp", "channels_last", "compile")},
-        "device": device(), "step_s": torch_part["median_s"],
-        "examples_per_sec": batch / torch_part["median_s"], "first_calls_s": first_s,
-        "times": torch_part["times"], "threads": n_threads, "thread_probe_s": probe}
-    out[f"speedup_vs_torch_{s['name']}"] = ab
-    out["speedup_vs_torch"] = ab
-    out["torch_setup"] = s["name"]
+    out["torch"][s["name"]] = setup_record(s, torch_part, batch, first_s, n_threads, probe)
+    measured.append((s, ab))
+  out.update(ratio_fields(measured, out["torch"]))
   return jax_timing, out
 
 
@@ -120,9 +176,8 @@ def iters_per_round(step_s: float, budget_s: float, rounds: int) -> int:
   return max(1, min(20, int(budget_s / max(rounds * step_s, 1e-9))))
 
 
-def summary(fields: Mapping[str, Any]) -> str:
-  """'0.56 (0.51-0.60) vs eager' for the table."""
-  sp = fields.get("speedup_vs_torch")
-  if not sp:
-    return "-"
-  return f"{sp['median']:.3g} ({sp['min']:.3g}-{sp['max']:.3g}) vs {fields['torch_setup']}"
+def summary(ratio: Mapping[str, Any] | None) -> str | None:
+  """'0.56 (0.51-0.60)': the median and min-max of a ``speedup_vs_torch*`` field."""
+  if not ratio:
+    return None
+  return f"{ratio['median']:.3g} ({ratio['min']:.3g}-{ratio['max']:.3g})"

@@ -193,6 +193,7 @@ def test_suite_runs_drfl_quick_with_torch(tmp_path):
   assert row["step_s"] > 0 and row["examples_per_sec"] > 0 and row["compiles"] == 1
   assert row["undonated"] == [] and row["donation_warnings"] == []
   assert 0.5 < row["xla_over_analytic"] < 2.0
-  sp = row["speedup_vs_torch"]
+  sp = row["speedup_vs_torch_eager"]
   assert sp["min"] <= sp["median"] <= sp["max"] and len(sp["ratios"]) == 2
+  assert row["speedup_vs_torch"] == sp and row["speedup_vs_torch_compile"] is None
   assert row["torch"]["eager"]["threads"] == 1 and row["torch"]["eager"]["step_s"] > 0

@@ -249,6 +249,16 @@ def test_count_flops_counts_matmuls_and_scan_bodies():
   assert flops.count_flops(scanned, a, b) == 5 * 2 * 8 * 16 * 4
 
 
+def test_count_flops_of_a_transposed_conv_skips_the_inserted_zeros():
+  from benchmarks import flops
+  x = jax.ShapeDtypeStruct((2, 8, 8, 4), jnp.float32)
+  w = jax.ShapeDtypeStruct((3, 3, 4, 5), jnp.float32)
+  up = lambda x, w: jax.lax.conv_transpose(x, w, (2, 2), "SAME",
+                                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  # Each input pixel meets the 3x3 kernel once: 2 x 2*8*8 pixels x 9 taps x 4 x 5.
+  assert flops.count_flops(up, x, w) == 2 * (2 * 8 * 8) * 9 * 4 * 5
+
+
 def test_matmul_dtypes_reads_lowered_and_compiled_hlo():
   from benchmarks import guards
 
@@ -336,15 +346,18 @@ def test_suite_runs_and_checks_with_torch(tmp_path):
   pytest.importorskip("torch")
   record, stdout = _run_suite(tmp_path, ["--only", "dcl_cstp,ldm_unet", "--check",
                                          "--torch-threads", "1"])
-  assert "speedup_vs_torch" in stdout and "step traced once" in stdout
+  assert "speedup_vs_torch_eager" in stdout and "step traced once" in stdout
   rows = {r["workload"]: r for r in record["rows"]}
   assert set(rows) == {"dcl_cstp", "ldm_unet"}
   for r in rows.values():
     assert r["step_s"] > 0 and r["examples_per_sec"] > 0 and r["compiles"] == 1
     assert r["undonated"] == [] and r["donation_warnings"] == []
     assert 0.5 < r["xla_over_analytic"] < 2.0  # XLA's count vs 3 x forward (+ momentum).
-    sp = r["speedup_vs_torch"]
+    sp = r["speedup_vs_torch_eager"]
     assert sp["min"] <= sp["median"] <= sp["max"] and len(sp["ratios"]) == 2
+    assert r["speedup_vs_torch"] is not None and r["torch_setup"] == "eager"
+    # --quick leaves torch.compile out (minutes per reference on a CPU) and says so.
+    assert r["speedup_vs_torch_compile"] is None and "--quick" in r["torch_notes"][0]
   assert rows["dcl_cstp"]["torch"]["eager"]["threads"] == 1
   assert 0 < rows["dcl_cstp"]["augment_s"]
   assert record["checks"] and all(c["ok"] is not False for c in record["checks"])

@@ -32,6 +32,19 @@ _REGISTRY: dict[str, tuple[str, Any, str]] = {
                   "sampler overhead)"),
 }
 NAMES = tuple(_REGISTRY)
+# What ``--suite gpu`` runs without ``--only``: the figures issue 18 asks of a lent GPU
+# (bf16 DCL-CsTP at 224 px with its bank guard, the LDM UNet at 64^2 latents, DDIM-50,
+# the DRFL / LTDiff++ / DSDM steps at paper size, each step against bf16 eager and
+# torch.compile), trimmed to fit one call of a few minutes: compiles dominate it
+# (docs/results/benchmarks.md, "GPU suite: dry run and time budget"). The other workloads,
+# dsdm_ddim included, run with ``--only``.
+GPU_SUITE = ("dcl_cstp", "dcl_cstp_bank", "ldm_unet", "ddim50", "drfl", "ltdiff_ddpm",
+             "dsdm_step")
+
+
+def suite_names(suite: str) -> tuple[str, ...]:
+  """The workloads a suite runs by default, in order."""
+  return GPU_SUITE if suite == "gpu" else NAMES
 
 
 def describe(name: str) -> str:

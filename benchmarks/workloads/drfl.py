@@ -16,9 +16,9 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from benchmarks import flops, steps, torch_ab
+from benchmarks import flops, torch_ab
 from benchmarks.workloads import segmentation
-from benchmarks.workloads.common import Options, measure_config, row
+from benchmarks.workloads.common import Options, measure_config, row, torch_compare
 from medrep_jax import config_lib
 
 # size: configs/drfl.py SIZES entry; image: pixels (grayscale, as the paper's CT slices).
@@ -76,19 +76,8 @@ def drfl_factory(config: Any, batch: Mapping[str, np.ndarray],
 def run_drfl(opts: Options) -> list[dict[str, Any]]:
   s = opts.size(DRFL)
   c, batch = drfl_setup(opts)
-
-  def compare(bench: steps.StepBench, record: dict) -> dict:
-    if not opts.torch or torch_ab.torch_or_none() is None:
-      return steps.timed(bench, warmup=0, iters=opts.iters(record["probe_s"]))
-    variables = jax.device_get({"params": bench.state.params, **bench.state.model_state})
-    rounds = opts.timing["rounds"]
-    jax_timing, fields = torch_ab.compare(
-        bench, drfl_factory(c, batch, variables), batch=bench.batch_size, rounds=rounds,
-        iters=torch_ab.iters_per_round(record["probe_s"], opts.timing["budget_s"], rounds),
-        threads=opts.torch_threads, torch_compile=opts.torch_compile)
-    record.update(fields)
-    return jax_timing
-
+  compare = torch_compare(opts, lambda bench, record: drfl_factory(
+      c, batch, jax.device_get({"params": bench.state.params, **bench.state.model_state})))
   rec = measure_config(c, batch, opts, analytic=drfl_analytic, prepare=binary_masks,
                        compare=compare)
   return [row("drfl", f"DRFL {s['size']} {s['image']}px B{s['batch']} {c.dtype}", rec)]

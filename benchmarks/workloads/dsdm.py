@@ -36,7 +36,6 @@ and the overhead can be negative. The torch loop recomputes them every step.
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any, Callable, Mapping
 
 import jax
@@ -44,7 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import flops, harness, steps, torch_ab
-from benchmarks.workloads.common import Options, measure_config, row, torch_compare
+from benchmarks.workloads.common import (Options, abstract_fn, abstract_record,
+                                         measure_config, row, torch_compare,
+                                         torch_skipped)
 from medrep_jax import config_lib, diffusion
 from medrep_jax.data.sources import SourceInfo
 from medrep_jax.methods import load_method
@@ -58,11 +59,12 @@ STEP = {
     "gpu": dict(size="paper", batch=10),
 }
 # batch: images per sampling call (the model sees 2x that); steps: DDIM steps; rounds:
-# alternating timing rounds (a CPU-size call takes minutes on one core, so 2 there).
+# alternating timing rounds (a CPU-size call takes minutes on one core, so 2 there), at
+# most the suite's.
 DDIM = {
     "quick": dict(size="tiny", batch=4, steps=10, rounds=2),
     "cpu": dict(size="small", batch=16, steps=50, rounds=2),
-    "gpu": dict(size="paper", batch=16, steps=50, rounds=5),
+    "gpu": dict(size="paper", batch=16, steps=50, rounds=3),
 }
 NUM_MASK_CLASSES = 3  # background, benign, malignant (the paper's masks).
 OVERHEAD_TARGET = 0.03
@@ -217,10 +219,12 @@ class GuidedSampling:
     k_init, k_x, self.rng = jax.random.split(jax.random.key(opts.seed), 3)
     self.x_T = jax.random.normal(k_x, self.shape, jnp.float32)
     t0 = jnp.zeros((self.batch,), jnp.int32)
-    params = jax.jit(lambda k: self.model.init(
-        k, self.x_T, t0, spatial_cond=self.cond["mask"], ref_embed=self.cond["ref"]))(
-            k_init)["params"]
-    self.params = jax.tree.map(jnp.asarray, _nonzero(params, opts.seed))
+    init = lambda k: self.model.init(k, self.x_T, t0, spatial_cond=self.cond["mask"],
+                                     ref_embed=self.cond["ref"])["params"]
+    if opts.abstract:  # Shapes only (Options.abstract): nothing is initialized.
+      self.params = jax.eval_shape(init, k_init)
+    else:
+      self.params = jax.tree.map(jnp.asarray, _nonzero(jax.jit(init)(k_init), opts.seed))
     # The kwargs of common.sample_conditioned (sampler "ddim").
     self.sample = diffusion.make_sampler(
         common.apply_fn(self.model), self.sched, self.shape, sampler="ddim",
@@ -286,24 +290,28 @@ def _nonzero(params: Any, seed: int) -> Any:
                       if not np.any(np.asarray(p)) else np.asarray(p), params)
 
 
-def _torch_rounds(g: GuidedSampling, opts: Options) -> dict[str, Callable[[], Any]]:
-  """{"torch_<setup>": loop} for each torch setup (compiled ones called twice first), with
-  torch's threads set from one guided model call (a loop is n of them)."""
-  out: dict[str, Callable[[], Any]] = {}
+def _torch_rounds(g: GuidedSampling, opts: Options, fields: dict[str, Any]
+                  ) -> dict[str, tuple[dict[str, Any], Callable[[], Any]]]:
+  """{setup name: (setup, loop)} for each torch setup, with torch's threads set from one
+  guided model call (a loop is n of them). The eager loop is not called first (a CPU-size
+  call is minutes); a compiled one is called twice. A failed compiled setup goes to
+  ``fields`` (``torch``, ``torch_notes``) instead."""
+  out: dict[str, tuple[dict[str, Any], Callable[[], Any]]] = {}
   factory = g.torch_factory()
-  for i, s in enumerate(torch_ab.setups(opts.torch_compile)):
-    loop = factory(s["amp"], s["channels_last"], s["compile"])
-    if i == 0:
-      threads, probe = torch_ab.set_threads(
-          factory(s["amp"], s["channels_last"], s["compile"], one_call=True),
-          opts.torch_threads)
-      g.torch_threads = {"threads": threads, "thread_probe_s": probe}
-    if s["compile"]:
-      start = time.perf_counter()
-      for _ in range(2):
-        harness.sync(loop())
-      g.torch_first_calls[s["name"]] = time.perf_counter() - start
-    out[f"torch_{s['name']}"] = loop
+  for s in torch_ab.setups(opts.compile_torch, gpu=opts.torch_gpu_setups):
+    try:
+      if s["compile"]:
+        loop, g.torch_first_calls[s["name"]] = torch_ab.build(factory, s)
+      else:
+        loop = factory(s["amp"], s["channels_last"], s["compile"])
+        threads, probe = torch_ab.set_threads(
+            factory(s["amp"], s["channels_last"], s["compile"], one_call=True),
+            opts.torch_threads)
+        g.torch_threads = {"threads": threads, "probe": probe}
+    except Exception as e:  # pylint: disable=broad-except  # Reported in the row.
+      torch_ab.failed(s, e, fields)
+      continue
+    out[s["name"]] = (s, loop)
   return out
 
 
@@ -317,16 +325,30 @@ def run_ddim(opts: Options) -> list[dict[str, Any]]:
   """
   g = GuidedSampling(opts)
   b, n = g.batch, g.num_steps
+  x, cond = cond_specs({"image": np.zeros(g.shape), "mask": np.zeros(g.shape[:3]),
+                        "ref": g.host["ref"]}, NUM_MASK_CLASSES)
+  fwd_flops = flops.count_flops(g.guided, flops.abstract(g.params), x,
+                                jax.ShapeDtypeStruct((b,), jnp.int32), cond)
+  dtype = str(g.config.dtype)
+  name = f"DDIM-{n} s={g.guidance_scale:g} {g.size} {g.shape[1]}px B{b}"
+  point = f"{name} (model batch {2 * b}) {dtype} [s/call, images/s]"
+  if opts.abstract:
+    rec, lowered = abstract_fn(opts, g.sample, g.params, g.rng, g.cond, None, g.x_T)
+    return [row("dsdm_ddim", point, abstract_record(rec, n * fwd_flops, b, dtype, opts,
+                                                    lowered), ddim_steps=n)]
   comp = harness.compile_time(g.sample, g.params, g.rng, g.cond, None, g.x_T)
   fwd_comp = harness.compile_time(g.forward, g.params, g.x_T, g.t_mid, g.cond)
   xla = harness.cost_flops(comp.compiled)
   mem, peak = steps.memory_peak(comp.compiled)
   fwd_probe = steps.timed(g.call_forward, warmup=1, iters=1)["median_s"]
   fwd_iters = max(1, min(n, opts.iters(fwd_probe)))
-  rounds = opts.size(DDIM)["rounds"]
+  rounds = min(opts.size(DDIM)["rounds"], opts.timing["rounds"])
   fns: dict[str, Callable[[], Any]] = {"ddim": g.call, "forward": g.call_forward}
-  if opts.torch and torch_ab.torch_or_none() is not None:
-    fns.update(_torch_rounds(g, opts))
+  skip = torch_skipped(opts)
+  fields: dict[str, Any] = {"torch_notes": [skip]} if skip else {
+      "torch": {}, "torch_notes": list(opts.torch_notes)}
+  loops = {} if skip else _torch_rounds(g, opts, fields)
+  fns.update({f"torch_{k}": loop for k, (_, loop) in loops.items()})
   with jax.transfer_guard("disallow"):
     med = harness.interleave(fns, rounds, iters={k: fwd_iters if k == "forward" else 1
                                                  for k in fns}, warmup=0)
@@ -336,22 +358,16 @@ def run_ddim(opts: Options) -> list[dict[str, Any]]:
   # Load only adds time, so the fastest rounds are the least disturbed estimate.
   overhead["from_min_times"] = (min(med["ddim"]) - n * min(med["forward"])) / (
       n * min(med["forward"]))
-  rec: dict[str, Any] = {}
-  for name in (k for k in fns if k.startswith("torch_")):
-    setup = name[len("torch_"):]
-    t = harness.summarize(med[name])
-    rec.setdefault("torch", {})[setup] = {
-        "device": torch_ab.device(), "step_s": t["median_s"],
-        "examples_per_sec": b / t["median_s"], "times": t["times"],
-        "first_calls_s": g.torch_first_calls.get(setup), **g.torch_threads}
-    ratio = harness.ratio_stats([tt / j for tt, j in zip(med[name], med["ddim"])])
-    rec[f"speedup_vs_torch_{setup}"] = rec["speedup_vs_torch"] = ratio
-    rec["torch_setup"] = setup
-  x, cond = cond_specs({"image": np.zeros(g.shape), "mask": np.zeros(g.shape[:3]),
-                        "ref": g.host["ref"]}, NUM_MASK_CLASSES)
-  fwd_flops = flops.count_flops(g.guided, flops.abstract(g.params), x,
-                                jax.ShapeDtypeStruct((b,), jnp.int32), cond)
-  dtype = str(g.config.dtype)
+  measured = []
+  for k, (s, _) in loops.items():
+    t = med[f"torch_{k}"]
+    fields["torch"][k] = torch_ab.setup_record(
+        s, harness.summarize(t), b, g.torch_first_calls.get(k),
+        g.torch_threads.get("threads"), g.torch_threads.get("probe"))
+    measured.append((s, harness.ratio_stats([tt / j for tt, j in zip(t, med["ddim"])])))
+  if not skip:
+    fields.update(torch_ab.ratio_fields(measured, fields["torch"]))
+  rec: dict[str, Any] = dict(fields)
   rec.update({"lower_s": comp.lower_s, "compile_s": comp.compile_s, "memory": mem,
               "memory_peak_bytes": peak, "ddim_steps": n, "dtype": dtype,
               "guidance_scale": g.guidance_scale, "batch": b, "model_batch": 2 * b,
@@ -367,9 +383,8 @@ def run_ddim(opts: Options) -> list[dict[str, Any]]:
              "flops_per_example_xla": _per(harness.cost_flops(fwd_comp.compiled), b),
              "times": fwd["times"], "iters_per_round": fwd_iters, "dtype": dtype}
   steps.throughput(fwd_rec, fwd, b, fwd_flops, opts.peak)
-  name = f"DDIM-{n} s={g.guidance_scale:g} {g.size} {g.shape[1]}px B{b}"
   return [
-      row("dsdm_ddim", f"{name} (model batch {2 * b}) {dtype} [s/call, images/s]", rec),
+      row("dsdm_ddim", point, rec),
       row("dsdm_ddim", f"  one guided model call ({2 * b} = cond + null) [s/call, "
                        f"images/s]", fwd_rec),
       row("dsdm_ddim", f"  sampler overhead (call - {n} x fwd)/({n} x fwd) = "

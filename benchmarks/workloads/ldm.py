@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import flops, harness, steps, torch_ab
-from benchmarks.workloads.common import Options, measure_config, row
+from benchmarks.workloads.common import (Options, abstract_fn, abstract_record,
+                                         measure_config, row, torch_compare)
 from medrep_jax import config_lib, diffusion
 from medrep_jax.methods.ldm_parts import common as ldm_common
 from medrep_jax.models.diffusion_unet import diffusion_unet_config
@@ -105,18 +106,7 @@ def unet_setup(opts: Options) -> tuple[Any, dict[str, np.ndarray], Any]:
 def run_unet(opts: Options) -> list[dict[str, Any]]:
   s = opts.size(UNET)
   c, batch, prepare = unet_setup(opts)
-
-  def compare(bench: steps.StepBench, record: dict) -> dict:
-    if not opts.torch or torch_ab.torch_or_none() is None:
-      return steps.timed(bench, warmup=0, iters=opts.iters(record["probe_s"]))
-    rounds = opts.timing["rounds"]
-    jax_timing, fields = torch_ab.compare(
-        bench, unet_factory(c, batch["mean"]), batch=bench.batch_size, rounds=rounds,
-        iters=torch_ab.iters_per_round(record["probe_s"], opts.timing["budget_s"], rounds),
-        threads=opts.torch_threads, torch_compile=opts.torch_compile)
-    record.update(fields)
-    return jax_timing
-
+  compare = torch_compare(opts, lambda bench, record: unet_factory(c, batch["mean"]))
   rec = measure_config(c, batch, opts, analytic=unet_analytic,
                        prepare=prepare, compare=compare)
   return [row("ldm_unet", f"{s['size']} {s['latent']}x{s['latent']}x{s['channels']} "
@@ -148,25 +138,32 @@ def run_ddim(opts: Options) -> list[dict[str, Any]]:
   unet = ldm_common.latent_unet(c, s["channels"])
   sched = diffusion.make_schedule(c.diffusion.schedule, int(c.diffusion.num_timesteps))
   shape = (s["batch"], s["latent"], s["latent"], s["channels"])
-  params = jax.jit(unet.init)(jax.random.key(opts.seed), jnp.zeros(shape),
-                              jnp.zeros((shape[0],), jnp.int32))["params"]
+  args = (jax.random.key(opts.seed), jnp.zeros(shape), jnp.zeros((shape[0],), jnp.int32))
+  # Options.abstract: shapes only, nothing is initialized.
+  params = (jax.eval_shape(unet.init, *args) if opts.abstract
+            else jax.jit(unet.init)(*args))["params"]
   sample = diffusion.make_sampler(lambda p, x, t, _: unet.apply({"params": p}, x, t), sched,
                                   shape, sampler="ddim", num_steps=DDIM_STEPS, eta=0.0,
                                   parameterization=c.diffusion.parameterization)
   rng = jax.random.key(opts.seed + 1)
+  fwd = flops.count_flops(lambda p, x, t: unet.apply({"params": p}, x, t), flops.abstract(params),
+                          jax.ShapeDtypeStruct(shape, jnp.float32),
+                          jax.ShapeDtypeStruct((shape[0],), jnp.int32))
+  point = f"{s['size']} {s['latent']}x{s['latent']}x{s['channels']} B{s['batch']} {c.dtype}"
+  if opts.abstract:
+    rec, lowered = abstract_fn(opts, sample, params, rng)
+    return [row("ddim50", point, abstract_record(rec, DDIM_STEPS * fwd, shape[0],
+                                                 str(c.dtype), opts, lowered),
+                ddim_steps=DDIM_STEPS)]
   comp = harness.compile_time(sample, params, rng)
   xla = harness.cost_flops(comp.compiled)
   mem, peak = steps.memory_peak(comp.compiled)
   probe = steps.timed(lambda: sample(params, rng), warmup=1, iters=1)["median_s"]
   timing = steps.timed(lambda: sample(params, rng), warmup=0, iters=opts.iters(probe))
-  fwd = flops.count_flops(lambda p, x, t: unet.apply({"params": p}, x, t), flops.abstract(params),
-                          jax.ShapeDtypeStruct(shape, jnp.float32),
-                          jax.ShapeDtypeStruct((shape[0],), jnp.int32))
   rec = {"lower_s": comp.lower_s, "compile_s": comp.compile_s, "memory": mem,
          "memory_peak_bytes": peak, "ddim_steps": DDIM_STEPS, "dtype": str(c.dtype),
          "flops_per_example_xla": None if xla is None else xla / shape[0],
          "times": timing["times"], "jit_cache_size": steps.jit_cache_size(sample),
          "device_peak_bytes": steps.device_peak_bytes()}
   steps.throughput(rec, timing, shape[0], DDIM_STEPS * fwd, opts.peak)
-  return [row("ddim50", f"{s['size']} {s['latent']}x{s['latent']}x{s['channels']} "
-                        f"B{s['batch']} {c.dtype}", rec)]
+  return [row("ddim50", point, rec)]

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import flops, guards, harness, steps, torch_ab
-from benchmarks.workloads.common import Options, measure_config, row
+from benchmarks.workloads.common import (BANK_ROUNDS, Options, measure_config, row,
+                                         torch_compare)
 from medrep_jax import config_lib
 from medrep_jax.data import augment
 from medrep_jax.methods.dcl_cstp import ContrastiveNet
@@ -133,23 +134,18 @@ def dual_stream_factory(config: Any, state: Any, views: jax.Array) -> torch_ab.T
 
 def run_dcl(opts: Options) -> list[dict[str, Any]]:
   c = ssl_config("dcl_cstp", opts, **opts.size(MAIN))
+  views: dict[str, jax.Array] = {}
+  ab = torch_compare(opts, lambda bench, record: dual_stream_factory(c, bench.state,
+                                                                     views["views"]))
 
   def compare(bench: steps.StepBench, record: dict) -> dict:
-    views, record["augment_s"] = make_views(c, bench.method, bench.batch, opts.seed)
-    if not opts.torch or torch_ab.torch_or_none() is None:
-      return steps.timed(bench, warmup=0, iters=opts.iters(record["probe_s"]))
-    rounds = opts.timing["rounds"]
-    jax_timing, fields = torch_ab.compare(
-        bench, dual_stream_factory(c, bench.state, views), batch=bench.batch_size,
-        rounds=rounds, iters=torch_ab.iters_per_round(record["probe_s"],
-                                                      opts.timing["budget_s"], rounds),
-        threads=opts.torch_threads, torch_compile=opts.torch_compile)
-    record.update(fields)
-    return jax_timing
+    views["views"], record["augment_s"] = make_views(c, bench.method, bench.batch, opts.seed)
+    return ab(bench, record)
 
   rec = measure_config(c, ssl_batch(c, opts.seed), opts, analytic=ssl_analytic,
                        compare=compare)
-  rec["augment_share"] = rec["augment_s"] / rec["step_s"]
+  if "augment_s" in rec:  # Not in an abstract (trace-only) record.
+    rec["augment_share"] = rec["augment_s"] / rec["step_s"]
   return [row("dcl_cstp", point(c), rec)]
 
 
@@ -166,15 +162,20 @@ def _with_bank(bench: steps.StepBench, num_keys: int) -> Any:
 def run_bank(opts: Options) -> list[dict[str, Any]]:
   size = opts.size(MAIN)
   small, big = size["bank"], size["bank"] * BANK_GROWTH
+  if opts.abstract:  # Each program traced on its own.
+    configs = [ssl_config("dcl_cstp", opts, **dict(size, bank=k)) for k in (small, big)]
+    return [row("dcl_cstp_bank", point(c), dict(
+        measure_config(c, ssl_batch(c, opts.seed), opts, analytic=ssl_analytic),
+        bank_size=c.loss.bank_size)) for c in configs]
   c = ssl_config("dcl_cstp", opts, **size)
   rows = []
-  with steps.built(c, ssl_batch(c, opts.seed)) as bench:
+  with steps.built(c, ssl_batch(c, opts.seed), devices=opts.devices()) as bench:
     other = bench.with_state(_with_bank(bench, big))
     records = {small: bench.compile(), big: other.compile()}
     benches = {small: bench, big: other}
     probe = max(steps.timed(b, warmup=opts.timing["warmup"], iters=1)["median_s"]
                 for b in benches.values())
-    rounds = max(5, opts.timing["rounds"])
+    rounds = max(BANK_ROUNDS, opts.timing["rounds"]) if not opts.dry_run else 1
     with jax.transfer_guard("disallow"):
       med = harness.interleave({str(k): b for k, b in benches.items()}, rounds,
                                iters=torch_ab.iters_per_round(probe, opts.timing["budget_s"],
@@ -188,8 +189,8 @@ def run_bank(opts: Options) -> list[dict[str, Any]]:
                  compiles=bench.counter["traces"])
       if k == big:
         tol = FLAT_TOLERANCE.get(jax.devices()[0].platform, 0.05)
-        # Not judged at --quick size: -O0 programs of ~0.1 s are all noise.
-        flat = None if opts.suite == "quick" else ratio["median"] <= 1 + tol
+        # Not judged at --quick size (-O0 programs of ~0.1 s are all noise) or in a dry run.
+        flat = None if opts.suite == "quick" or opts.dry_run else ratio["median"] <= 1 + tol
         rec.update(bank_step_ratio=ratio["median"], bank_step_ratio_fastest=ratio["min_over_min"],
                    bank_flat=flat, bank_flat_tolerance=tol,
                    bank_flops_ratio=_ratio(rec.get("flops_per_example_xla"),
