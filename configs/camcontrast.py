@@ -27,6 +27,8 @@ Variant args:
   Ablations (Tables 3-4): attention=False, negative_suppression=False,
   background_suppression=False, discard_negatives=True, weighted=False,
   crop=five|four|none|random.
+Two random crops per image for the two-view baselines: --config.pretrain.crops.views=
+independent (default; Sec. 3.2) or shared (one crop, augmented twice).
 """
 import ml_collections as mlc
 
@@ -90,7 +92,10 @@ def stage_config(stage: str, *, variant: str = "camcontrast", data: str = "kerma
       background_suppression=bool(background_suppression), foreground_threshold=15.0,
       discard_negatives=bool(discard_negatives), splits=("train",), figure_split="val",
       figure_pool=256))
-  c.crops = mlc.ConfigDict(dict(strategy=crop))
+  # views: SimCLR / SupCon on random crops take one independent random crop per view, the
+  # conventional "two random crops within each image" (Sec. 3.2, 4.4); "shared" augments one
+  # crop per image twice. CAMContrast's image and heatmap crops always share one box.
+  c.crops = mlc.ConfigDict(dict(strategy=crop, views="independent"))
   c.monitor = mlc.ConfigDict(dict(knn_k=20, max_train=2000))
   c.eval = mlc.ConfigDict(dict(label_fractions=(0.01, 0.05, 0.25, 1.0), split="test",
                                probe_epochs=100, weight_decay=1e-4))

@@ -22,7 +22,7 @@ import itertools
 import pathlib
 import re
 import shlex
-from typing import Any
+from typing import Any, Callable
 
 import ml_collections as mlc
 
@@ -191,8 +191,10 @@ def _run_name(axes: list[Axis], combo: tuple[int, ...]) -> str:
   return f"{name[:_MAX_NAME]}-{hashlib.sha1(label.encode()).hexdigest()[:8]}"
 
 
-def _check_config(module, arg: str, overrides: dict[str, str], defaults: dict) -> None:
-  """Resolves `get_config(arg)` and applies the overrides to a copy, failing loudly."""
+def _check_config(module, arg: str, overrides: dict[str, str],
+                  defaults: dict) -> mlc.ConfigDict:
+  """Resolves `get_config(arg)` and applies the overrides to a copy, failing loudly;
+  returns that copy."""
   try:
     config = module.get_config(arg)
   except (ValueError, KeyError) as e:  # ConfigError and a preset's own checks
@@ -213,15 +215,19 @@ def _check_config(module, arg: str, overrides: dict[str, str], defaults: dict) -
     config.update_from_flattened_dict(typed)
   except (TypeError, ValueError, KeyError) as e:
     raise SweepError(f"invalid override value: {e}") from e
+  return config
 
 
-def expand(config_arg: str, spec: str, extra: list[str] = ()) -> list[Run]:
+def expand(config_arg: str, spec: str, extra: list[str] = (),
+           check: Callable[[mlc.ConfigDict], None] | None = None) -> list[Run]:
   """The cartesian product of the sweep as runs, each validated against the config.
 
   Args:
     config_arg: `FILE[:variant args]`, as for `--config`.
     spec: the `--sweep` text.
     extra: further CLI arguments for every run (`--config.k=v` ones are validated).
+    check: called with every run's resolved config (e.g. the grid selection's check that
+      the runs score the validation split); a ValueError it raises names the run.
 
   Raises:
     SweepError: for a malformed spec, an unknown key, a bad value or clashing run names.
@@ -243,8 +249,13 @@ def expand(config_arg: str, spec: str, extra: list[str] = ()) -> list[Run]:
       else:
         args[axis.key] = axis.texts[i]
     arg = ",".join(f"{k}={v}" for k, v in args.items())
-    _check_config(module, arg, overrides, defaults)
+    config = _check_config(module, arg, overrides, defaults)
     name = _run_name(axes, combo)
+    if check is not None:
+      try:
+        check(config)
+      except ValueError as e:
+        raise SweepError(f"run {name}: {e}") from e
     if name in names:
       raise SweepError(f"runs {names[name]} and {combo} map to the same directory {name!r}")
     names[name] = combo

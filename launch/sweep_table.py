@@ -5,7 +5,9 @@ going or stopped, from the last value of each metric in its `metrics.jsonl` (tra
 get a `train/` prefix, as in done.json). A pipeline run (config.json lists `stages`) gets
 each stage's metrics under a `<stage>/` prefix. Sweep keys whose last part is `seed` are
 collapsed: runs equal in every other key form a group, reported as mean ± std (sample
-standard deviation, ddof=1) over the seeds.
+standard deviation, ddof=1) over the seeds. When the sweep was selected on
+(`launch/sweep_select.py`, ROOT/selection.json), sweep.md ends with the chosen point of
+every group, its validation score and its test-split metrics, and every candidate's score.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from medrep_jax.train.report import fmt
 
 DEFAULT_COLUMNS = ("*step", "*train/loss", "*eval/*")
 SPEC_FILE = "sweep.json"
+SELECTION_FILE = "selection.json"  # written by launch/sweep_select.py
 
 
 def _number(v: Any) -> bool:
@@ -180,6 +183,43 @@ def render(root: pathlib.Path, keys: list[str], rows: list[dict], columns: list[
   return "\n".join(lines) + "\n"
 
 
+_MODE_WORDS = {"max": "maximum", "min": "minimum"}
+
+
+def _values_text(values: dict) -> str:
+  return ", ".join(f"{k}={v}" for k, v in values.items()) or "-"
+
+
+def render_selection(selection: dict) -> list[str]:
+  """Markdown lines of a selection (ROOT/selection.json): the chosen point per group with
+  its validation score and test metrics (mean ± std over seeds), then every candidate."""
+  by, split = selection["by"], selection["test_split"]
+  choices = selection["choices"]
+  tested = sorted({k for c in choices for k in c.get("test", {})},
+                  key=lambda k: (k.rsplit("/", 1)[-1] != by.rsplit("/", 1)[-1], k))
+  lines = ["", f"## Selection on `{by}` ({_MODE_WORDS[selection['mode']]} over "
+           f"{', '.join(selection['over']) or 'the runs'}; validation metrics only)", "",
+           f"The chosen point of every group, its validation score (mean over its finished "
+           f"seeds) and its `{split}`-split metrics (mean ± std over the chosen runs; "
+           f"evaluated after the choice, which never reads them).", ""]
+  body = [[_values_text(c["fixed"]), _values_text(c["chosen"]), fmt(c["score"]),
+           str(len(c["runs"])), *(_mean_std(c.get("test", {}).get(k)) for k in tested)]
+          for c in choices]
+  lines += _md_table(["group", "chosen", f"val {by}", "n", *(f"{split} {k}" for k in tested)],
+                     body)
+  lines += ["", "Candidates:", ""]
+  body = [[_values_text(c["fixed"]), _values_text(cand["values"]),
+           "-" if cand["score"] is None else fmt(cand["score"]), str(cand["n"]),
+           "yes" if cand["values"] == c["chosen"] else ""]
+          for c in choices for cand in c["candidates"]]
+  lines += _md_table(["group", "candidate", f"val {by}", "n", "chosen"], body)
+  skipped = [name for c in choices for name in c["skipped"]]
+  if skipped:
+    lines += ["", f"Not candidates (not finished, or {by} not finite): "
+              + ", ".join(f"`{n}`" for n in skipped)]
+  return lines
+
+
 def _write_csv(path: pathlib.Path, header: list[str], body: list[list[Any]]) -> None:
   with path.open("w", newline="") as f:
     writer = csv.writer(f)
@@ -210,5 +250,7 @@ def aggregate(root: str | pathlib.Path, patterns=DEFAULT_COLUMNS) -> str:
                  *(x for c in columns for x in (g["stats"].get(c, ("", ""))[:2]))]
                 for g in groups])
   text = render(root, keys, rows, columns, groups)
+  if (root / SELECTION_FILE).exists():
+    text += "\n".join(render_selection(json.loads((root / SELECTION_FILE).read_text()))) + "\n"
   (root / "sweep.md").write_text(text)
   return text

@@ -400,3 +400,92 @@ def test_policy_grey_and_out_size(policy):
   out = np.asarray(f(jax.random.key(0), images))
   _check_image(out, (2, 12, 8, 1))
   assert np.abs(out[0] - out[1]).max() > 1e-3
+
+
+# ------------------------------------------- CAMContrast Table 2: downstream augmentation
+def _spot_pair(n: int = 6):
+  """n images (S x S, grey) with one bright 3x3 spot right of the centre, and the spot as
+  a mask (class 1) beside a class-2 stripe along the top row."""
+  img = np.zeros((S, S, 1), np.float32)
+  img[7:10, 11:14] = 1.0
+  mask = np.zeros((S, S), np.int32)
+  mask[7:10, 11:14] = 1
+  mask[0, :] = 2
+  return np.repeat(img[None], n, 0), np.repeat(mask[None], n, 0)
+
+
+def _centroid(x: np.ndarray) -> np.ndarray:
+  yy, xx = np.mgrid[:S, :S]
+  w = x / x.sum()
+  return np.array([(w * yy).sum(), (w * xx).sum()]) - (S - 1) / 2
+
+
+@functools.lru_cache(maxsize=None)
+def _downstream_fn(**kwargs):
+  return jax.jit(lambda k, x, m: A.augment_labelled_batch(
+      k, x, {"mask": m}, label_classes={"mask": 3}, **kwargs))
+
+
+def test_downstream_defaults_are_the_identity():
+  assert A.downstream_kwargs(A.DOWNSTREAM_OFF) is None
+  assert A.downstream_kwargs(None) is None
+  img, mask = _spot_pair(2)
+  out, moved = A.augment_labelled_batch(jax.random.key(0), img, {"mask": mask},
+                                        label_classes={"mask": 3})
+  np.testing.assert_array_equal(out, img)
+  np.testing.assert_array_equal(moved["mask"], mask)
+
+
+def test_downstream_flip_and_rotation_move_image_and_mask_alike():
+  img, mask = _spot_pair()
+  # flip_p=1, no rotation: the exact mirror of image and mask.
+  flip = A.downstream_kwargs(dict(flip_p=1.0))
+  out, moved = _downstream_fn(**flip)(jax.random.key(0), img, mask)
+  np.testing.assert_array_equal(out, img[:, :, ::-1])
+  np.testing.assert_array_equal(moved["mask"], mask[:, :, ::-1])
+  assert moved["mask"].dtype == mask.dtype
+  # rotate_degrees=90: the spot (at angle 0 from the centre) turns by U(-90, 90) degrees.
+  rot = A.downstream_kwargs(dict(rotate_degrees=90.0))
+  keys = jax.random.key(1)
+  out, moved = _downstream_fn(**rot)(keys, img, mask)
+  out, moved = np.asarray(out[..., 0]), np.asarray(moved["mask"])
+  angles = []
+  for o, m in zip(out, moved):
+    c_img, c_mask = _centroid(o), _centroid((m == 1).astype(np.float32))
+    np.testing.assert_allclose(c_img, c_mask, atol=0.75)  # the mask follows the image
+    assert np.linalg.norm(c_img) == pytest.approx(np.linalg.norm(_centroid(img[0, ..., 0])),
+                                                  abs=0.3)
+    angles.append(np.degrees(np.arctan2(-c_img[0], c_img[1])))  # counter-clockwise
+    assert set(np.unique(m)) <= {0, 1, 2}  # labels never blend
+  angles = np.asarray(angles)
+  assert np.all(np.abs(angles) <= 90.5) and np.abs(angles).max() > 30  # beyond +-30
+  assert (angles > 1).any() and (angles < -1).any()
+
+
+def test_downstream_crop_scale_zooms_in():
+  yy = np.linspace(0.0, 1.0, S, dtype=np.float32)[:, None, None]
+  img = np.broadcast_to(yy, (4, S, S, 1)).copy()  # a vertical ramp
+  mask = np.zeros((4, S, S), np.int32)
+  crop = A.downstream_kwargs(dict(crop_scale=(0.25, 0.25)))
+  out, _ = _downstream_fn(**crop)(jax.random.key(2), img, mask)
+  spans = np.ptp(np.asarray(out)[..., 0], axis=1).mean(axis=1)
+  # A quarter of the area at aspect 1: half the side, so half the ramp, resized back.
+  np.testing.assert_allclose(spans, 0.5 * np.ptp(yy), atol=0.08)
+  full, _ = _downstream_fn(**A.downstream_kwargs(dict(crop_scale=(1.0, 1.0), flip_p=1e-9)))(
+      jax.random.key(2), img, mask)
+  np.testing.assert_allclose(np.ptp(np.asarray(full)[..., 0], axis=1).mean(), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("crop_scale", (0.9, 0.5), r"augment\.crop_scale=\(0\.9, 0\.5\)"),
+    ("crop_scale", (0.0, 1.0), r"augment\.crop_scale"),
+    ("crop_ratio", "wide", r"augment\.crop_ratio='wide'"),
+    ("flip_p", 1.5, r"augment\.flip_p=1\.5 must be a probability"),
+    ("rotate_degrees", -30.0, r"augment\.rotate_degrees=-30\.0"),
+    ("fill", "reflect", r"augment\.fill='reflect'"),
+    ("shear", 10.0, r"augment\.shear: not a field"),
+])
+def test_bad_downstream_config_fails_naming_the_key(field, value, match):
+  from medrep_jax.config_lib import ConfigError
+  with pytest.raises(ConfigError, match=match):
+    A.downstream_kwargs({**A.DOWNSTREAM_OFF, field: value})

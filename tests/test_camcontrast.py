@@ -226,6 +226,70 @@ def test_random_aligned_crops_keep_image_and_heatmap_together():
   assert len({np.asarray(x).tobytes() for x in hm}) > 1  # offsets differ between examples
 
 
+def _coordinate_images(n=6, side=12):
+  """Images whose pixel (y, x) holds y * side + x: a crop's first pixel gives its box."""
+  grid = np.arange(side * side, dtype=np.float32).reshape(side, side)
+  return jnp.asarray(np.broadcast_to(grid[None, ..., None], (n, side, side, 1)).copy())
+
+
+def _offsets(crop_batch, side=12):
+  first = np.asarray(crop_batch[:, 0, 0, 0]).astype(int)
+  return np.stack([first // side, first % side], 1)
+
+
+def _pretrain(variant, **crops_fields):
+  from medrep_jax.methods import load_method
+  from conftest import config_module
+  c = config_module("camcontrast").stage_config("pretrain", variant=variant,
+                                                data="phantoms", size="tiny")
+  c.crops.update(crops_fields)
+  return load_method(c)
+
+
+def test_simclr_views_come_from_independent_crop_boxes():
+  """Sec. 3.2 / 4.4: the conventional SimCLR positive pair is two random crops of one
+  image, each with its own box (`crops.views="independent"`, the configs' default)."""
+  images = _coordinate_images()
+  batch = {"image": images, "index": jnp.arange(6)}
+  stage = _pretrain("simclr")
+  assert stage.crop_views == "independent" and stage.independent_crops
+  x, h = stage._inputs(batch, jax.random.key(0))
+  assert x.shape == (2, 6, 6, 6, 1) and h is None
+  boxes = [_offsets(x[v]) for v in range(2)]
+  for v in range(2):  # every view is an exact window of its image
+    for i, (t, l) in enumerate(boxes[v]):
+      np.testing.assert_array_equal(x[v, i], images[i, t:t + 6, l:l + 6])
+  assert (boxes[0] != boxes[1]).any(axis=1).sum() >= 4  # the two views' boxes differ
+  # The views augment each view's own crop, with `make_views`' view keys.
+  from medrep_jax.data import augment
+  x = x / 144.0
+  views = jax.jit(stage._views)(jax.random.key(1), x, batch["index"])
+  one = jax.jit(lambda k, xv: augment.augment_batch("standard", k, xv, indices=batch["index"]))
+  for v in range(2):
+    ref = one(jax.random.fold_in(jax.random.key(1), v), x[v])
+    np.testing.assert_allclose(views[v], ref, atol=1e-6)
+  # "shared": one crop per image, augmented twice (the behaviour before the switch).
+  shared = _pretrain("simclr", views="shared")
+  y, _ = shared._inputs(batch, jax.random.key(0))
+  assert not shared.independent_crops and y.shape == (6, 6, 6, 1)
+  with pytest.raises(ValueError, match="crops.views='both'"):
+    _pretrain("simclr", views="both")
+
+
+def test_camcontrast_random_crops_keep_image_and_heatmap_aligned():
+  """crop=random for CAMContrast: one box for the image and its heatmap, whatever
+  crops.views says (the heatmap is the image's second view)."""
+  images, heat, s = _grid_pair(n=8, h=6)
+  stage = _pretrain("camcontrast", views="independent")
+  stage.manifest = {"strategy": "random", "stride": s}  # as load_crops gives for crop=random
+  assert stage.random_crop and not stage.independent_crops
+  batch = {"image": jnp.asarray(images, jnp.float32), "heatmap": jnp.asarray(heat)[..., None]}
+  img, hm = stage._inputs(batch, jax.random.key(5))
+  assert img.shape == (8, 12, 12, 1) and hm.shape == (8, 3, 3, 1)
+  block = np.asarray(img[..., 0], np.float64).reshape(8, 3, s, 3, s).mean(axis=(2, 4))
+  np.testing.assert_allclose(block, hm[..., 0], rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------ eq. 5
 def _np_con(z, i, j, tau):
   """L_con(z_i, z_j) of eq. 5 with explicit sums over k != i."""

@@ -1,11 +1,14 @@
 """launch.sweep: parsing, validation, expansion, run names, launch modes and aggregation."""
 import csv
 import json
+import re
+import shlex
+import shutil
 
 import numpy as np
 import pytest
 
-from launch import sweep, sweep_spec, sweep_table
+from launch import sweep, sweep_select, sweep_spec, sweep_table
 
 from conftest import REPO_ROOT
 
@@ -202,3 +205,178 @@ def test_local_sweep_of_two_tiny_runs(tmp_path, capsys):
   assert sweep.main(["--config", FINETUNE, "--sweep", "seed=[0,1]", "--workdir",
                      str(tmp_path), "--run", "local"]) == 0
   assert capsys.readouterr().out.count("done, skipping") == 2
+
+
+# --------------------------------------------------- grid selection on the validation split
+# (CAMContrast Appendix A / Table A.1: pick on val, report the test split)
+
+LRS = (1e-3, 1e-2, 1e-1)
+VAL = {1e-3: 0.60, 1e-2: 0.75, 1e-1: 0.50}  # mean over seeds: 1e-2 is best on val
+TEST = {1e-3: 0.95, 1e-2: 0.10, 1e-1: 0.99}  # ... and worst on test
+
+
+def _select_sweep(root, val=VAL, test=TEST, seeds=(0, 1), eval_split="val", extra_key=None):
+  """Fake finished runs: done.json holds the val metrics, eval_test/ the test ones."""
+  runs, keys = [], ([extra_key[0]] if extra_key else []) + ["optim.lr", "seed"]
+  for other in (extra_key[1] if extra_key else [None]):
+    for lr in LRS:
+      for s in seeds:
+        values = {**({extra_key[0]: other} if extra_key else {}), "optim.lr": lr, "seed": s}
+        name = ",".join(f"{k}={v}" for k, v in values.items())
+        d = root / name
+        (d / "eval_test").mkdir(parents=True)
+        shift = 0.01 * s + (0.3 if other == "b" and lr == 1e-1 else 0.0)
+        (d / "config.json").write_text(json.dumps({"train": {"eval_split": eval_split}}))
+        (d / "done.json").write_text(json.dumps(
+            {"step": 5, "eval/dice": val[lr] + shift, "eval/hd95": 10 * val[lr]}))
+        (d / "eval_test" / "metrics.json").write_text(json.dumps(
+            {"step": 5, "eval/dice": test[lr] + 0.01 * s, "eval/hd95": 3.0}))
+        runs.append(dict(name=name, values=values))
+  (root / "sweep.json").write_text(json.dumps(dict(keys=keys, runs=runs)))
+
+
+def test_selection_reads_only_validation_metrics(tmp_path):
+  _select_sweep(tmp_path)
+  sel = sweep_select.select(tmp_path, "eval/dice", test="skip")
+  (choice,) = sel["choices"]
+  assert sel["mode"] == "max" and sel["over"] == ["optim.lr"]
+  assert choice["chosen"] == {"optim.lr": 1e-2} and choice["score"] == pytest.approx(0.755)
+  assert choice["runs"] == ["optim.lr=0.01,seed=0", "optim.lr=0.01,seed=1"]
+  assert choice["test"]["eval/dice"] == pytest.approx((0.105, np.std([0.1, 0.11], ddof=1), 2))
+  # Any test metrics at all: the choice stays; only the reported test numbers follow.
+  for trial, test in enumerate([{1e-3: 0.0, 1e-2: 0.0, 1e-1: 1.0},
+                                {1e-3: float("nan"), 1e-2: 0.5, 1e-1: 2.0}]):
+    for lr in LRS:
+      for s in (0, 1):
+        path = tmp_path / f"optim.lr={lr},seed={s}" / "eval_test" / "metrics.json"
+        path.write_text(json.dumps({"eval/dice": test[lr] + trial}))
+    again = sweep_select.select(tmp_path, "eval/dice", test="skip")["choices"][0]
+    assert again["chosen"] == {"optim.lr": 1e-2}
+    assert again["candidates"] == choice["candidates"]
+    assert again["test"]["eval/dice"][0] == pytest.approx(test[1e-2] + trial)
+  text = sweep_table.aggregate(tmp_path)
+  assert "## Selection on `eval/dice` (maximum over optim.lr" in text
+  assert "| - | optim.lr=0.01 | 0.755 | 2 | 1.5 ± 0 |" in text
+
+
+def test_selection_direction_ties_and_skipped_runs(tmp_path):
+  _select_sweep(tmp_path, val={1e-3: 0.7, 1e-2: 0.7, 1e-1: 0.5})
+  assert sweep_select.direction("eval/hd95") == "min"
+  assert sweep_select.direction("eval/loss") == "min"
+  assert sweep_select.direction("eval/ece_pixel") == "min"
+  assert sweep_select.direction("eval/dice") == "max"
+  assert sweep_select.direction("eval/hd95", "max") == "max"
+  # A tie goes to the first candidate in the sweep's order (here the smaller lr) ...
+  assert sweep_select.choose(tmp_path, "eval/dice")[0]["chosen"] == {"optim.lr": 1e-3}
+  spec = json.loads((tmp_path / "sweep.json").read_text())
+  spec["runs"] = spec["runs"][2:4] + spec["runs"][:2] + spec["runs"][4:]
+  (tmp_path / "sweep.json").write_text(json.dumps(spec))
+  # ... so listing the grid the other way round picks the other one, deterministically.
+  assert sweep_select.choose(tmp_path, "eval/dice")[0]["chosen"] == {"optim.lr": 1e-2}
+  # hd95 = 10 * val: minimized, 1e-1 wins.
+  assert sweep_select.choose(tmp_path, "eval/hd95")[0]["chosen"] == {"optim.lr": 1e-1}
+  # A diverged run (NaN) and an unfinished one are not candidates.
+  (tmp_path / "optim.lr=0.1,seed=0" / "done.json").write_text(json.dumps({"eval/dice": "nan"}))
+  (tmp_path / "optim.lr=0.1,seed=1" / "done.json").unlink()
+  choice = sweep_select.choose(tmp_path, "eval/hd95")[0]
+  assert choice["skipped"] == ["optim.lr=0.1,seed=0", "optim.lr=0.1,seed=1"]
+  assert choice["candidates"][2] == dict(values={"optim.lr": 0.1}, runs=[], n=0, score=None)
+
+
+def test_selection_per_group_and_refuses_the_test_split(tmp_path):
+  _select_sweep(tmp_path / "g", extra_key=("init_from", ["a", "b"]))
+  choices = sweep_select.choose(tmp_path / "g", "eval/dice", over=["optim.lr"])
+  assert [(c["fixed"], c["chosen"]) for c in choices] == [
+      ({"init_from": "a"}, {"optim.lr": 1e-2}), ({"init_from": "b"}, {"optim.lr": 1e-1})]
+  with pytest.raises(sweep_select.SelectError, match="not keys of the sweep"):
+    sweep_select.choose(tmp_path / "g", "eval/dice", over=["lr"])
+  _select_sweep(tmp_path / "t", eval_split="test")
+  with pytest.raises(sweep_select.SelectError, match="would use the test split"):
+    sweep_select.choose(tmp_path / "t", "eval/dice")
+  with pytest.raises(sweep_select.SelectError, match="not an evaluation metric"):
+    sweep_select.choose(tmp_path / "g", "train/loss")
+  for name in ("optim.lr=0.01,seed=0", "optim.lr=0.01,seed=1"):
+    (tmp_path / "t" / name / "done.json").unlink()
+  (tmp_path / "t" / "sweep.json").write_text(json.dumps(dict(keys=["optim.lr"], runs=[
+      dict(name="optim.lr=0.01,seed=0", values={"optim.lr": 0.01})])))
+  with pytest.raises(sweep_select.SelectError, match="no finished run"):
+    sweep_select.choose(tmp_path / "t", "eval/dice")
+
+
+def test_selection_evaluates_only_the_chosen_runs_on_the_test_split(tmp_path):
+  _select_sweep(tmp_path)
+  for d in tmp_path.glob("*/eval_test"):
+    shutil.rmtree(d)
+  choices = sweep_select.choose(tmp_path, "eval/dice")
+  cmds = sweep_select.heldout_commands(tmp_path, choices, "eval/dice", "test", "python")
+  assert cmds == [["python", "-m", "medrep_jax.evaluate", "--workdir",
+                   str(tmp_path / f"optim.lr=0.01,seed={s}"), "--split", "test", "--name",
+                   "test"] for s in (0, 1)]
+  stage = sweep_select.heldout_commands(tmp_path, choices, "seg/eval/dice", "test", "python")
+  assert stage[0][4] == str(tmp_path / "optim.lr=0.01,seed=0" / "seg")
+
+
+def test_sweep_cli_checks_the_split_up_front_and_selects_later(tmp_path, capsys):
+  args = ["--config", FINETUNE + ",task=segmentation", "--sweep", "optim.lr=[0.01,0.1]",
+          "--workdir", str(tmp_path), "--select-by", "eval/dice"]
+  assert sweep.main(args + ["--extra", "--config.train.eval_split=test"]) == 2
+  err = capsys.readouterr().err
+  assert "run optim.lr=0.01: selecting on eval/dice would read the test split" in err
+  assert sweep.main(args[:-1] + ["train/loss"]) == 2
+  assert "not an evaluation metric" in capsys.readouterr().err
+  assert sweep.main(args[:-2] + ["--select-mode", "min"]) == 2
+  assert "need --select-by" in capsys.readouterr().err
+  assert sweep.main(args + ["--select-mode", "max"]) == 0
+  out = capsys.readouterr().out.strip().splitlines()
+  assert len(out) == 3 and out[2].endswith(f"python -m launch.sweep select {tmp_path}")
+  spec = json.loads((tmp_path / "sweep.json").read_text())
+  assert spec["select"] == dict(by="eval/dice", mode="max", over=None, test_split="test")
+  # After the runs (faked here): `select` reads its settings from sweep.json.
+  for lr, dice in ((0.01, 0.4), (0.1, 0.6)):
+    d = tmp_path / f"optim.lr={lr}"
+    (d / "eval_test").mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps({"train": {"eval_split": "val"}}))
+    (d / "done.json").write_text(json.dumps({"eval/dice": dice}))
+    (d / "eval_test" / "metrics.json").write_text(json.dumps({"eval/dice": dice / 2}))
+  assert sweep.main(["select", str(tmp_path), "--test", "skip"]) == 0
+  assert "| - | optim.lr=0.1 | 0.6 | 1 | 0.3 |" in capsys.readouterr().out
+  assert "## Selection" in (tmp_path / "sweep.md").read_text()
+  assert sweep.main(["select", str(tmp_path), "--mode", "min", "--test", "skip"]) == 0
+  assert "| - | optim.lr=0.01 | 0.4 | 1 | 0.2 |" in capsys.readouterr().out
+
+
+def test_documented_grid_selection_commands_expand_and_score_val():
+  """The `python -m launch.sweep --select-by` commands of docs/results/paper_tables.md
+  (```sh blocks) build every run at the documented size, each scored on val."""
+  text = (REPO_ROOT / "docs" / "results" / "paper_tables.md").read_text()
+  blocks = re.findall(r"^```sh\n(.*?)^```", text, flags=re.S | re.M)
+  cmds = [line.strip() for b in blocks for line in b.replace("\\\n", " ").splitlines()
+          if line.strip().startswith("python -m launch.sweep")]
+  assert len(cmds) >= 2
+  for cmd in cmds:
+    args = sweep._expand_parser().parse_args(sweep._join_dash_values(shlex.split(cmd)[3:]))
+    assert args.select_by == "eval/dice" and args.run == "local"
+    config = str(REPO_ROOT / args.config)
+    runs = sweep_spec.expand(config, args.sweep, sweep_spec.split_extra(args.extra),
+                             check=lambda c: sweep_select.check_config(c, args.select_by))
+    assert len(runs) in (5, 15) and {r.values["optim.lr"] for r in runs} == {
+        1e-3, 3e-3, 1e-2, 3e-2, 1e-1}
+
+
+def test_selection_on_a_pipeline_stage_reads_that_stage(tmp_path):
+  """`<stage>/eval/<name>`: the stage's done.json and its own config.json's eval split."""
+  runs = []
+  for lr, dice, split in ((0.01, 0.3, "val"), (0.1, 0.6, "val")):
+    name = f"optim.lr={lr}"
+    (tmp_path / name / "seg").mkdir(parents=True)
+    (tmp_path / name / "config.json").write_text(json.dumps({"stages": ["seg"]}))
+    (tmp_path / name / "seg" / "config.json").write_text(
+        json.dumps({"train": {"eval_split": split}}))
+    (tmp_path / name / "seg" / "done.json").write_text(json.dumps({"eval/dice": dice}))
+    runs.append(dict(name=name, values={"optim.lr": lr}))
+  (tmp_path / "sweep.json").write_text(json.dumps(dict(keys=["optim.lr"], runs=runs)))
+  assert sweep_select.choose(tmp_path, "seg/eval/dice")[0]["chosen"] == {"optim.lr": 0.1}
+  (tmp_path / "optim.lr=0.1" / "seg" / "config.json").write_text(
+      json.dumps({"train": {"eval_split": "test"}}))
+  with pytest.raises(sweep_select.SelectError, match="would use the test split"):
+    sweep_select.choose(tmp_path, "seg/eval/dice")

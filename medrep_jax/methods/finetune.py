@@ -6,9 +6,15 @@ with skip connections trained with IoU + BCE (eq. 9). The encoder can be frozen 
 probe / frozen-encoder segmentation) or fully fine-tuned, a label fraction of the train
 split can be used, and `init_from` loads any pretraining run's `encoder` subtree.
 
+Training augmentation (`augment`, CAMContrast Table 2): a random resized crop
+(`crop_scale`, `crop_ratio`), a horizontal flip (`flip_p`) and a rotation in
+[-`rotate_degrees`, `rotate_degrees`], on device inside the step, the segmentation mask
+(and a field-of-view `roi`) moving with the image (`data.augment.downstream_augment`).
+The defaults are the identity and leave the step as it was (no augmentation).
+
 Config fields (see `configs/finetune.py`): `task`, `model.encoder`,
 `model.norm`, `model.small_input`, `model.decoder_widths`, `freeze_encoder`,
-`label_fraction`, `loss`.
+`label_fraction`, `loss`, `augment`.
 """
 from __future__ import annotations
 
@@ -21,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from medrep_jax.config_lib import ConfigError
+from medrep_jax.data import augment
 from medrep_jax.data import subsets
 from medrep_jax.data import transforms
 from medrep_jax.eval import figures as fig_lib
@@ -46,6 +54,13 @@ class Finetune(base.Method):
       raise ValueError(f"task={config.task!r}; expected one of {TASKS}")
     self.task = config.task
     self.dtype = jnp.dtype(config.dtype)
+    # CAMContrast Table 2's downstream augmentation; None = off (the identity defaults).
+    self.augment_kwargs = augment.downstream_kwargs(config.get("augment"))
+    normalize = str(config.data.get("normalize", "unit"))
+    if self.augment_kwargs is not None and normalize != "unit":
+      raise ConfigError(f"augment (crop, flip, rotation) works on images in [0, 1]; "
+                        f"data.normalize={normalize!r} gives other values. Use "
+                        f"data.normalize='unit' or leave augment at its identity defaults")
 
   # ---- data
   def make_source(self, split: str):
@@ -118,8 +133,22 @@ class Finetune(base.Method):
     dice = 2 * inter / jnp.maximum(jnp.sum(pred > 0) + jnp.sum(fg), 1)
     return loss, {"dice_fg": dice}
 
+  def augment(self, rng, batch):
+    """The `augment` config's crop, flip and rotation (CAMContrast Table 2) of every
+    example, keyed by its dataset index; a mask and an roi move with the image."""
+    classes = {}
+    if self.task == "segmentation":
+      classes = {"mask": max(2, int(self.info.num_mask_classes)), "roi": 2}
+      classes = {k: n for k, n in classes.items() if k in batch}
+    images, moved = augment.augment_labelled_batch(
+        rng, batch["image"], {k: batch[k] for k in classes}, label_classes=classes,
+        indices=batch["index"], **self.augment_kwargs)
+    return {**batch, "image": images.astype(batch["image"].dtype), **moved}
+
   def loss_fn(self, params, state, batch, rng):
-    del rng  # no stochastic layers; augmentations happen in the input pipeline
+    # no stochastic layers; the rng only drives the optional training augmentation
+    if self.augment_kwargs is not None:
+      batch = self.augment(rng, batch)
     logits, updates = self.model.apply({"params": params, **state.model_state},
                                        batch["image"], train=True, mutable=["batch_stats"])
     loss, metrics = self.loss(logits, batch)

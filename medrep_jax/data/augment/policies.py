@@ -9,6 +9,10 @@ Policies map (rng, one image) to one augmented image of a fixed size:
   - `standard_augment`: CAMContrast's "standard augmentations" (Yap & Ng,
     Sec. 4.1: cropping, horizontal flipping, rotation, color jittering and
     grayscaling), with crop and rotation ranges from its Table 2.
+  - `downstream_augment`: CAMContrast's downstream training augmentation (Table 2:
+    resized crop, horizontal flip, rotation), applied alike to the image and its
+    label maps; `downstream_kwargs` reads it from a config's `augment` block and
+    `augment_labelled_batch` batches it.
 
 Random choices are made with masks and `jnp.where`, never Python control flow,
 so one compiled program serves every draw. Under `vmap` a `lax.switch` or
@@ -25,6 +29,7 @@ on the batch size, its position in a shard, or the device count.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from typing import Any, Callable, Sequence
@@ -218,6 +223,40 @@ def simclr_augment(rng: Array, img: Array, out_size: Size = None, *,
   return x
 
 
+def _per_channel(op: Callable[[Array], Array]) -> Callable[[Array], Array]:
+  """`op` (an (H, W, 1) -> (h, w, 1) image op) applied to each channel of an (H, W, K) map."""
+  return jax.vmap(lambda ch: op(ch[..., None])[..., 0], in_axes=-1, out_axes=-1)
+
+
+def _crop_flip_rotate(draws: _Uniforms, img: Array, out_size: Size, scale, ratio,
+                      flip_p: float, degrees: float, fill: str, onehots: Sequence[Array] = (),
+                      crop: bool = True) -> tuple[Array, list[Array]]:
+  """Resized crop -> horizontal flip (p = flip_p) -> rotation U(-degrees, degrees).
+
+  Takes `CROP_UNIFORMS + 2` uniforms from `draws` (crop, flip, angle: the order
+  `standard_augment` has always drawn them) and applies the same geometry to `img`
+  and to every (H, W, K) one-hot label map of `onehots`, channel by channel (the
+  ops take C in {1, 3}). Parts at a static identity are left out of the program:
+  the crop when `crop` is False, the flip at flip_p <= 0, the rotation at 0 degrees
+  (each would return its input unchanged). Returns (image, [transformed maps]).
+  """
+  box = _resize_box(draws.take(ops.CROP_UNIFORMS), img, scale, ratio)
+  flip = draws.take() < flip_p
+  angle = degrees * (2.0 * draws.take() - 1.0)
+  static = lambda v: isinstance(v, (int, float))
+
+  def geometry(x: Array) -> Array:
+    if crop:
+      x = ops.crop_resize(x, box, out_size)
+    if not (static(flip_p) and flip_p <= 0):
+      x = jnp.where(flip, ops.hflip(x), x)
+    if not (static(degrees) and degrees == 0):
+      x = ops.rotate(x, angle, fill)
+    return x
+
+  return geometry(img), [_per_channel(geometry)(m) for m in onehots]
+
+
 def standard_augment(rng: Array, img: Array, out_size: Size = None, *,
                      scale: tuple[float, float] = (0.8, 1.0),
                      ratio: tuple[float, float] = (3 / 4, 4 / 3), flip_p: float = 0.5,
@@ -232,13 +271,57 @@ def standard_augment(rng: Array, img: Array, out_size: Size = None, *,
   grayscale parameters; these are the SimCLR / MoCo-v2 ones.
   """
   draws = _Uniforms(rng, ops.CROP_UNIFORMS + ops.JITTER_UNIFORMS + 4)
-  x = ops.crop_resize(img, _resize_box(draws.take(ops.CROP_UNIFORMS), img, scale, ratio), out_size)
-  x = jnp.where(draws.take() < flip_p, ops.hflip(x), x)
-  x = ops.rotate(x, degrees * (2.0 * draws.take() - 1.0), fill)
+  x = _crop_flip_rotate(draws, img, out_size, scale, ratio, flip_p, degrees, fill)[0]
   jittered = ops.color_jitter_from_uniform(x, draws.take(ops.JITTER_UNIFORMS), *jitter)
   x = jnp.where(draws.take() < jitter_p, jittered, x)
   x = jnp.where(draws.take() < grayscale_p, ops.to_grayscale(x), x)
   return x
+
+
+def downstream_augment(rng: Array, img: Array, labels: dict[str, Array] | None = None, *,
+                       label_classes: dict[str, int] | None = None,
+                       scale: tuple[float, float] = (1.0, 1.0),
+                       ratio: tuple[float, float] = (1.0, 1.0), flip_p: float = 0.0,
+                       degrees: float = 0.0, fill: str = "zero"
+                       ) -> tuple[Array, dict[str, Array]]:
+  """The downstream training augmentation of CAMContrast Table 2 (Yap & Ng).
+
+  torchvision's RandomResizedCrop(scale, ratio) at the input size, RandomHorizontalFlip(
+  flip_p) and RandomRotation(degrees) (uniform in [-degrees, degrees], corners filled per
+  `fill`), in that order. Table 2's columns: classification scale (0.8, 1), ratio
+  (0.75, 1.33); segmentation scale 1, ratio 1; flip 0.5 everywhere; rotation 0 (fundus
+  classification), 90 (fundus segmentation) or 30 (chest X-ray). The defaults are the
+  identity, and a part whose range is the identity (scale = ratio = (1, 1): Table 2's
+  "1.0", the whole image; degrees 0; flip_p 0) is left out of the program.
+
+  Label maps (a segmentation mask, a field-of-view mask) get the same geometry: each is
+  one-hot encoded over its `label_classes[key]` classes, resampled like the image and
+  turned back into labels by argmax, so a label never blends into another and corners
+  that the rotation uncovers become class 0.
+
+  Args:
+    rng: PRNG key for this example.
+    img: (H, W, C) float32 image in [0, 1], C in {1, 3}.
+    labels: {key: (H, W) integer label map}.
+    label_classes: {key: number of classes} for every key of `labels` (static).
+    scale, ratio, flip_p, degrees, fill: the Table 2 parameters (see above).
+
+  Returns:
+    (augmented image (H, W, C), {key: augmented (H, W) label map, dtype kept}).
+  """
+  labels = dict(labels or {})
+  classes = dict(label_classes or {})
+  missing = sorted(set(labels) - set(classes))
+  if missing:
+    raise ValueError(f"downstream_augment: label_classes has no class count for {missing}")
+  crop = tuple(scale) != (1.0, 1.0) or tuple(ratio) != (1.0, 1.0)
+  if not crop and flip_p <= 0 and degrees == 0:
+    return img, labels
+  draws = _Uniforms(rng, ops.CROP_UNIFORMS + 2)
+  onehots = [jax.nn.one_hot(labels[k], int(classes[k]), dtype=jnp.float32) for k in labels]
+  x, maps = _crop_flip_rotate(draws, img, None, scale, ratio, flip_p, degrees, fill, onehots,
+                              crop=crop)
+  return x, {k: jnp.argmax(m, -1).astype(labels[k].dtype) for k, m in zip(labels, maps)}
 
 
 POLICIES: dict[str, Policy] = {
@@ -314,6 +397,65 @@ def policy_kwargs(config: Any, prefix: str = "augment") -> dict[str, Any]:
   return kwargs
 
 
+# `augment` config fields of the downstream stages (CAMContrast Table 2) ->
+# `downstream_augment` keyword arguments; the defaults are the identity (no augmentation).
+DOWNSTREAM_CONFIG_FIELDS = {"crop_scale": "scale", "crop_ratio": "ratio", "flip_p": "flip_p",
+                            "rotate_degrees": "degrees", "fill": "fill"}
+DOWNSTREAM_OFF = {"crop_scale": (1.0, 1.0), "crop_ratio": (1.0, 1.0), "flip_p": 0.0,
+                  "rotate_degrees": 0.0, "fill": "zero"}
+
+
+def _number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _range(value: Any, key: str, lo: float, hi: float) -> tuple[float, float]:
+  """A (lo, hi) pair of numbers within [lo, hi] (a bare number v means (v, v))."""
+  value = (value, value) if _number(value) else _tuples(value)
+  if not (isinstance(value, tuple) and len(value) == 2 and all(map(_number, value))
+          and lo <= value[0] <= value[1] <= hi and value[0] > 0):
+    raise ConfigError(f"{key}={value!r} must be a number or a range (lo, hi) with "
+                      f"0 < lo <= hi{f' <= {hi:g}' if hi < math.inf else ''}")
+  return float(value[0]), float(value[1])
+
+
+def downstream_kwargs(config: Any, prefix: str = "augment") -> dict[str, Any] | None:
+  """`downstream_augment`'s keyword arguments from an `augment` config block, or None
+  when the block is absent or every part is the identity (no augmentation at all).
+
+  Fields (CAMContrast Table 2): crop_scale (area fraction range, (0, 1]), crop_ratio
+  (aspect range), flip_p (horizontal flip probability), rotate_degrees (rotation in
+  [-d, d]; Table 2's 30 or 90), fill ("zero" or "edge" corners).
+
+  Raises:
+    ConfigError: an unknown field or a bad value; the message names the key (e.g.
+      "augment.flip_p").
+  """
+  if config is None:
+    return None
+  block = dict(config)
+  key = lambda field: f"{prefix}.{field}"
+  unknown = sorted(set(block) - set(DOWNSTREAM_CONFIG_FIELDS))
+  if unknown:
+    raise ConfigError(f"{', '.join(key(f) for f in unknown)}: not a field of the downstream "
+                      f"augmentation; expected {sorted(DOWNSTREAM_CONFIG_FIELDS)}")
+  values = {**DOWNSTREAM_OFF, **block}
+  scale = _range(values["crop_scale"], key("crop_scale"), 0.0, 1.0)
+  ratio = _range(values["crop_ratio"], key("crop_ratio"), 0.0, math.inf)
+  flip_p, degrees = values["flip_p"], values["rotate_degrees"]
+  if not (_number(flip_p) and 0.0 <= flip_p <= 1.0):
+    raise ConfigError(f"{key('flip_p')}={flip_p!r} must be a probability in [0, 1]")
+  if not (_number(degrees) and 0.0 <= degrees <= 180.0):
+    raise ConfigError(f"{key('rotate_degrees')}={degrees!r} must be a number of degrees in "
+                      f"[0, 180] (rotations are drawn from [-d, d])")
+  if values["fill"] not in ("zero", "edge"):
+    raise ConfigError(f"{key('fill')}={values['fill']!r} must be 'zero' or 'edge'")
+  if (scale, ratio, flip_p, degrees) == ((1.0, 1.0), (1.0, 1.0), 0.0, 0.0):
+    return None
+  return dict(scale=scale, ratio=ratio, flip_p=float(flip_p), degrees=float(degrees),
+              fill=str(values["fill"]))
+
+
 def _as_float(images: Array) -> Array:
   images = jnp.asarray(images)
   if images.ndim != 4 or images.shape[-1] not in (1, 3):
@@ -345,10 +487,31 @@ def augment_batch(fn: str | Policy, rng: Array, images: Array, *,
   """
   fn = get_policy(fn)
   images = _as_float(images)
-  if indices is None:
-    indices = jnp.arange(images.shape[0], dtype=jnp.uint32)
-  keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, indices)
+  keys = _example_keys(rng, images.shape[0], indices)
   return jax.vmap(lambda k, x: fn(k, x, **kwargs))(keys, images)
+
+
+def _example_keys(rng: Array, batch: int, indices: Array | None) -> Array:
+  """fold_in(rng, indices[i]) per example (indices default to 0..B-1)."""
+  if indices is None:
+    indices = jnp.arange(batch, dtype=jnp.uint32)
+  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, indices)
+
+
+def augment_labelled_batch(rng: Array, images: Array, labels: dict[str, Array], *,
+                           label_classes: dict[str, int], indices: Array | None = None,
+                           **kwargs: Any) -> tuple[Array, dict[str, Array]]:
+  """`downstream_augment` on every example, its label maps (B, H, W) moving with it.
+
+  Example i gets the key fold_in(rng, indices[i]), as in `augment_batch`.
+
+  Returns:
+    ((B, H, W, C) float32 images, {key: (B, H, W) label maps}).
+  """
+  images = _as_float(images)
+  keys = _example_keys(rng, images.shape[0], indices)
+  fn = functools.partial(downstream_augment, label_classes=label_classes, **kwargs)
+  return jax.vmap(fn)(keys, images, labels)
 
 
 def make_views(rng: Array, images: Array, policy: str | Policy = "strong", num_views: int = 2,

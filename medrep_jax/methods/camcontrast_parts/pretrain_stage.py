@@ -14,6 +14,13 @@ L_con(z¹_i, z²_i) + L_con(z²_i, z¹_i) over 2B).
 with `data_source="crops"` (the "-crop" variants: fixed crops as independent instances)
 or `"images"` (a random half-size crop of the whole image, the conventional strategy).
 Only the encoder f_I (`params["encoder"]`) is kept for downstream tasks.
+
+Random crops and two views (SimCLR, SupCon on whole images, or on stored whole images with
+crop=random): `crops.views="independent"` (the configs' default) gives each view its own
+random crop box, the conventional "two random crops within each image as positive pairs"
+of Sec. 3.2 (`crops.independent_crops`); `"shared"` (what a config without the field gets,
+as runs made before it) cuts one crop per image and augments it twice. CAMContrast's image
+and heatmap crops always share one box (`crops.random_aligned_crops`).
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from medrep_jax.config_lib import ConfigError
 from medrep_jax.data import augment, transforms
 from medrep_jax.losses import contrastive as cl
 from medrep_jax.losses import segmentation as seg_losses
@@ -33,6 +41,8 @@ from medrep_jax.models import cam, heads
 
 OBJECTIVES = ("image_heatmap", "nt_xent", "supcon", "ce")
 DATA_SOURCES = ("crops", "images")
+CROP_VIEWS = ("independent", "shared")
+TWO_VIEW_OBJECTIVES = ("nt_xent", "supcon")
 
 
 class PretrainNet(nn.Module):
@@ -79,6 +89,11 @@ class PretrainStage(ssl_base.PretrainMethod):
     if l.objective == "image_heatmap" and config.data_source != "crops":
       raise ValueError("loss.objective='image_heatmap' needs heatmaps: set "
                        "data_source='crops' and crops_from=<a heatmaps run>")
+    crops_config = config.get("crops")
+    self.crop_views = str(crops_config.get("views", "shared")) if crops_config else "shared"
+    if self.crop_views not in CROP_VIEWS:
+      raise ConfigError(f"crops.views={self.crop_views!r}; expected one of {CROP_VIEWS} "
+                        f"(independent: one random crop per view, Sec. 3.2)")
     self.manifest: dict = {}
 
   # ---- data
@@ -127,16 +142,36 @@ class PretrainStage(ssl_base.PretrainMethod):
       kw["heatmap_projector"] = projector()
     return PretrainNet(encoder=common.encoder_of(c), **kw)
 
+  @property
+  def independent_crops(self) -> bool:
+    """Each of the two views gets its own random crop (`crops.views="independent"`)."""
+    return (self.random_crop and self.config.loss.objective in TWO_VIEW_OBJECTIVES
+            and self.crop_views == "independent")
+
   def _inputs(self, batch, rng):
-    """(image crops, heatmap crops or None) of the batch."""
+    """(image crops, heatmap crops or None) of the batch; the image crops are (2, B, ...),
+    one per view, with `independent_crops`."""
     x, h = batch["image"], batch.get("heatmap")
+    stride = int(self.manifest.get("stride", 1))
+    if self.independent_crops:
+      return crops.independent_crops(rng, x, 2, stride), None
     if self.random_crop:
-      x, h = crops.random_aligned_crops(rng, x, h, int(self.manifest.get("stride", 1)))
+      x, h = crops.random_aligned_crops(rng, x, h, stride)
     return x, h
 
   def init_variables(self, rng, batch):
     x, h = self._inputs(batch, jax.random.key(0))
-    return self.model.init(rng, x, h, train=False)
+    return self.model.init(rng, x[0] if self.independent_crops else x, h, train=False)
+
+  def _views(self, rng, x, idx):
+    """(2, B, ...) augmented views: two of each crop x (B, ...), or with
+    `independent_crops` one of each view's own crop x[v] (x is (2, B, ...)), with the view
+    keys of `augment.make_views`."""
+    policy = self.config.augment.policy
+    if not self.independent_crops:
+      return augment.make_views(rng, x, policy, 2, indices=idx)
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, jnp.arange(2, dtype=jnp.uint32))
+    return jax.vmap(lambda k, v: augment.augment_batch(policy, k, v, indices=idx))(keys, x)
 
   # ---- step
   def _labels(self, batch):
@@ -163,8 +198,8 @@ class PretrainStage(ssl_base.PretrainMethod):
       labels = self._labels(batch)
       loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
       return loss, {"updates": updates}
-    views = augment.make_views(rng, x, policy, 2, indices=idx)
-    b = x.shape[0]
+    views = self._views(rng, x, idx)
+    b = views.shape[1]
     z, updates = apply(views.reshape((2 * b,) + views.shape[2:]), True,
                        method=PretrainNet.embed)
     if l.objective == "nt_xent":
