@@ -187,6 +187,10 @@ def _encoder(module: nn.Module) -> nn.Module | None:
 
 
 def _torch_encoder(encoder: Any) -> bool:
+  # `benchmarks/torch_ref` is 2-D (Conv2d): a 3-D encoder ("resnet*_3d", "unet_encoder_3d",
+  # spatial_dims=3) shares the 2-D presets' stage sizes but has no torch reference.
+  if getattr(encoder, "spatial_dims", 2) != 2:
+    return False
   return isinstance(encoder, unet.UNetEncoder) or (
       isinstance(encoder, resnet.ResNet) and _resnet_preset(encoder) is not None)
 
@@ -200,7 +204,8 @@ def torch_supported(module: nn.Module) -> bool:
 
 TORCH_SUPPORTED = (f"unet.Classifier and unet.UNet (finetune, CAMContrast classifier) over a "
                    f"ResNet ({', '.join(resnet.RESNET_NAMES)}) or unet.UNetEncoder encoder, "
-                   f"or such an encoder alone (--submodule encoder)")
+                   f"or such an encoder alone (--submodule encoder); 2-D only (no 3-D "
+                   f"encoder: spatial_dims=3)")
 
 
 def conv_transpose_paths(module: nn.Module, params: Mapping[str, Any]) -> list[str]:

@@ -5,7 +5,8 @@
 
 with λ = 0.01, p⁰ the predicted probability of the normal class (c = 0) and M⁰, M¹ the
 min-max-normalized CAMs (eq. 1) of the normal and abnormal class (DESIGN.md). |M⁰| is the
-number of CAM positions h·w. The loss only acts on normal images that are predicted
+number of CAM positions h·w (d·h·w for the 3-D CAMs of volumes, Sec. 4.7: the same loss
+with the sum over all three axes). The loss only acts on normal images that are predicted
 normal; it pushes M⁰ to cover the whole image and M¹ to vanish. The indicator is a
 constant of the parameters (no gradient flows through it).
 
@@ -23,8 +24,9 @@ ATTENTION_WEIGHT = 0.01
 
 
 def _check(cams: jax.Array, probs: jax.Array, labels: jax.Array, multi: bool) -> None:
-  if cams.ndim != 4:
-    raise ValueError(f"cams must be (B, h, w, C) normalized CAMs, got shape {cams.shape}")
+  if cams.ndim not in (4, 5):
+    raise ValueError(f"cams must be (B, h, w, C) or (B, d, h, w, C) normalized CAMs, got "
+                     f"shape {cams.shape}")
   b, c = cams.shape[0], cams.shape[-1]
   if probs.shape != (b, c):
     raise ValueError(f"probs must be (B={b}, C={c}) to match the CAMs, got {probs.shape}")
@@ -34,6 +36,11 @@ def _check(cams: jax.Array, probs: jax.Array, labels: jax.Array, multi: bool) ->
   if not multi and c != 2:
     raise ValueError(f"eq. 4 needs the CAMs of the normal and abnormal class (C = 2), got "
                      f"C = {c}; use attention_loss_multilabel for multi-label data")
+
+
+def _spatial_axes(cams: jax.Array) -> tuple[int, ...]:
+  """The CAM positions' axes: (1, 2) for (B, h, w, C), (1, 2, 3) for (B, d, h, w, C)."""
+  return tuple(range(1, cams.ndim - 1))
 
 
 def attention_indicator(probs: jax.Array, labels: jax.Array) -> jax.Array:
@@ -51,7 +58,8 @@ def attention_loss(cams: jax.Array, probs: jax.Array, labels: jax.Array) -> jax.
   """L_attn per example (eq. 4).
 
   Args:
-    cams: (B, h, w, 2) min-max-normalized CAMs [M⁰, M¹] (`models.cam.minmax_normalize`).
+    cams: (B, h, w, 2) min-max-normalized CAMs [M⁰, M¹] (`models.cam.minmax_normalize`),
+      or (B, d, h, w, 2) 3-D CAMs of volumes.
     probs: (B, 2) class probabilities.
     labels: (B,) integer labels, 0 = normal, 1 = abnormal.
 
@@ -60,7 +68,7 @@ def attention_loss(cams: jax.Array, probs: jax.Array, labels: jax.Array) -> jax.
   """
   _check(cams, probs, labels, multi=False)
   cams = cams.astype(jnp.float32)
-  per_image = jnp.mean(1.0 - cams[..., 0] + cams[..., 1], axis=(1, 2))
+  per_image = jnp.mean(1.0 - cams[..., 0] + cams[..., 1], axis=_spatial_axes(cams))
   return attention_indicator(probs, labels) * per_image
 
 
@@ -69,7 +77,7 @@ def attention_loss_multilabel(cams: jax.Array, probs: jax.Array,
   """Multi-label L_attn per example (our extension, see the module docstring).
 
   Args:
-    cams: (B, h, w, K) min-max-normalized CAMs of the K disease classes.
+    cams: (B, h, w, K) (or (B, d, h, w, K)) min-max-normalized CAMs of the K disease classes.
     probs: (B, K) sigmoid probabilities.
     labels: (B, K) multi-hot labels; all zeros = normal.
 
@@ -79,4 +87,4 @@ def attention_loss_multilabel(cams: jax.Array, probs: jax.Array,
   _check(cams, probs, labels, multi=True)
   normal = jnp.all(labels == 0, axis=-1) & jnp.all(probs < 0.5, axis=-1)
   on = jax.lax.stop_gradient(normal.astype(jnp.float32))
-  return on * jnp.mean(cams.astype(jnp.float32), axis=(1, 2, 3))
+  return on * jnp.mean(cams.astype(jnp.float32), axis=_spatial_axes(cams) + (cams.ndim - 1,))

@@ -122,11 +122,16 @@ class ClassifierStage(base.Method):
     rows = pick_examples(coarse)
     hm = heatmaps.make_heatmaps(got["maps"][rows], coarse[rows], got["image"][rows],
                                 heatmaps.options_from_config(self.config.heatmap))
-    path = fig_lib.heatmap_overlay_grid(
-        got["image"][rows], {"CAM (min-max)": hm["raw"], "suppressed": hm["heatmap"]},
-        ctx.figures_dir / "cam_heatmaps.png",
-        titles=column_titles(coarse[rows], got["logits"][rows]),
-        title=f"stage-1 classifier, step {ctx.step}")
+    titles = column_titles(coarse[rows], got["logits"][rows])
+    if got["image"].ndim == 5:  # volumes: 3 views through the CAM's peak (Sec. 4.7)
+      path = fig_lib.volume_views_figure(
+          got["image"][rows], hm["raw"], ctx.figures_dir / "cam_heatmaps.png", at="peak",
+          names=titles, title=f"stage-1 classifier, step {ctx.step}: CAM (min-max)")
+    else:
+      path = fig_lib.heatmap_overlay_grid(
+          got["image"][rows], {"CAM (min-max)": hm["raw"], "suppressed": hm["heatmap"]},
+          ctx.figures_dir / "cam_heatmaps.png", titles=titles,
+          title=f"stage-1 classifier, step {ctx.step}")
     return os.path.relpath(path, ctx.workdir)
 
 

@@ -5,15 +5,17 @@ min-max normalized at feature-map resolution, suppressed (negatives, background)
 every image and heatmap is cut into the fixed crops (`crops.py`). The crop dataset is
 generated once, before stage 2, as WORKDIR/crops_<split>.npz (an `arrays.ArraySource`):
 
-  image         (N, H', W', C) uint8   image crops
-  heatmap       (N, h', w', 1) float32 heatmap crops in [0, 1]
+  image         (N, H', W', C) uint8   image crops ((N, D', H', W', C) for volumes)
+  heatmap       (N, h', w', 1) float32 heatmap crops in [0, 1] ((N, d', h', w', 1))
   label         (N,) int32             coarse label of the source image (0 normal, 1 abnormal)
   source_label  (N,) or (N, K)         the dataset's own label of the source image
   source_index  (N,) int64             index of the source image in the split
-  position      (N,) int32             index into POSITIONS (-1: uncropped)
+  position      (N,) int32             index into the manifest's "positions" (-1: uncropped)
 
-with WORKDIR/manifest.json (strategy, sizes, stride, switches) and a heatmap figure
-(normal and abnormal examples, before and after suppression).
+with WORKDIR/manifest.json (strategy, positions, sizes, stride, switches) and a heatmap
+figure (normal and abnormal examples, before and after suppression; for volumes, Sec. 4.7,
+axial / coronal / sagittal slices through each heatmap's peak, `figures/heatmaps.png`
+after suppression and `figures/heatmaps_raw.png` before).
 """
 from __future__ import annotations
 
@@ -55,8 +57,8 @@ def write_crops(workdir: str | pathlib.Path, split: str, images: np.ndarray,
   Args:
     workdir: output folder.
     split: the split name in the file name.
-    images: (N, H, W, C) uint8 images.
-    heat: (N, h, w) heatmaps (after suppression).
+    images: (N, H, W, C) uint8 images, or (N, D, H, W, C) volumes.
+    heat: (N, h, w) heatmaps (after suppression), or (N, d, h, w) for volumes.
     labels: (N,) dataset labels or (N, K) multi-hot labels of the images.
     index: (N,) indices of the images in their split.
     strategy: a `crops.STRATEGIES` entry.
@@ -77,14 +79,22 @@ def write_crops(workdir: str | pathlib.Path, split: str, images: np.ndarray,
   workdir = pathlib.Path(workdir)
   arrays.ArraySource(data, SourceInfo("crops", 2, common.CLASS_NAMES, channels)
                      ).save(workdir / f"crops_{split}.npz")
-  manifest = {**meta, "strategy": strategy, "positions": crops.POSITIONS,
-              "stride": crops.heatmap_stride(images.shape[1:3], heat.shape[1:]),
-              "image_size": list(images.shape[1:3]), "crop_size": list(cut["image"].shape[1:3]),
-              "heatmap_size": list(heat.shape[1:]),
-              "heatmap_crop_size": list(cut["heatmap"].shape[1:3]), "channels": channels,
+  manifest = {**meta, "strategy": strategy, "positions": _positions(strategy, heat.ndim - 1),
+              "stride": crops.heatmap_stride(images.shape[1:-1], heat.shape[1:]),
+              "image_size": list(images.shape[1:-1]),
+              "crop_size": list(cut["image"].shape[1:-1]), "heatmap_size": list(heat.shape[1:]),
+              "heatmap_crop_size": list(cut["heatmap"].shape[1:-1]), "channels": channels,
               "num_crops": int(len(src))}
   (workdir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
   return manifest
+
+
+def _positions(strategy: str, rank: int) -> tuple[str, ...]:
+  """The crop names a "position" id indexes; whole-image strategies ("none", "random",
+  position -1) record the fixed names of their rank (2-D: `crops.POSITIONS`)."""
+  if strategy in crops.FIXED:
+    return crops.positions(strategy)
+  return crops.POSITIONS if rank == 2 else crops.POSITIONS_3D
 
 
 class HeatmapStage(base.Task):
@@ -129,12 +139,22 @@ class HeatmapStage(base.Task):
     c = self.config
     got, coarse, hm = self._heatmaps(c.heatmap.figure_split, limit=int(c.heatmap.figure_pool))
     rows = classifier_stage.pick_examples(coarse)
+    titles = classifier_stage.column_titles(coarse[rows], got["logits"][rows])
+    title = f"{c.data.name} ({c.heatmap.figure_split})"
+    if got["image"].ndim == 5:  # volumes: 3 views through each heatmap's peak (Sec. 4.7)
+      figures = workdir / "figures"
+      fig_lib.volume_views_figure(got["image"][rows], hm["raw"][rows],
+                                  figures / "heatmaps_raw.png", at="peak", names=titles,
+                                  title=f"{title}: CAM heatmaps before suppression")
+      path = fig_lib.volume_views_figure(got["image"][rows], hm["heatmap"][rows],
+                                         figures / "heatmaps.png", at="peak", names=titles,
+                                         title=f"{title}: heatmaps after suppression")
+      return os.path.relpath(path, workdir)
     path = fig_lib.heatmap_overlay_grid(
         got["image"][rows], {"CAM heatmap": hm["raw"][rows], "suppressed": hm["heatmap"][rows],
                              "foreground": hm["foreground"][rows]},
         workdir / "figures" / "heatmaps.png",
-        titles=classifier_stage.column_titles(coarse[rows], got["logits"][rows]),
-        title=f"{c.data.name} ({c.heatmap.figure_split}): heatmaps before / after suppression")
+        titles=titles, title=f"{title}: heatmaps before / after suppression")
     return os.path.relpath(path, workdir)
 
 
@@ -143,7 +163,9 @@ def _stats(got: dict, coarse: np.ndarray, hm: dict, split: str) -> dict[str, flo
 
   `heat_in_centre_*` is the share of heatmap mass inside the centre crop's box (a quarter of
   the image): about 0.25 for a heatmap spread evenly, more when it sits on the central anatomy
-  (lungs and mediastinum on a chest X-ray, the fundus on a retina photograph).
+  (lungs and mediastinum on a chest X-ray, the fundus on a retina photograph). On volumes
+  the box is the half-size box centred on all three axes ("nine"'s centre crop, an eighth
+  of the volume: about 0.125 for an even heatmap).
   `peak_in_centre_*` is the share of heatmaps whose maximum lies in that box.
   """
   normal = heatmaps.is_normal(coarse)
@@ -151,10 +173,10 @@ def _stats(got: dict, coarse: np.ndarray, hm: dict, split: str) -> dict[str, flo
   if got["logits"].shape[-1] == 2 and coarse.ndim == 1:
     out[f"{split}/classifier_accuracy"] = float(np.mean(got["logits"].argmax(-1) == coarse))
   raw, fg = hm["raw"], hm["foreground"]
-  centre = np.zeros(raw.shape[1:3], np.float32)  # the centre crop's box on the heatmap grid
+  centre = np.zeros(raw.shape[1:], np.float32)  # the centre crop's box on the heatmap grid
   try:
-    top, left, height, width = crops.crop_boxes(centre.shape, "five")[-1]
-    centre[top:top + height, left:left + width] = 1.0
+    box = crops.crop_boxes(centre.shape, "five" if centre.ndim == 2 else "nine")[-1]
+    centre[tuple(slice(a, a + k) for a, k in zip(box[:centre.ndim], box[centre.ndim:]))] = 1.0
   except ValueError:  # a grid the fixed crops cannot halve: no centre statistics
     pass
   for name, rows in (("normal", normal), ("abnormal", ~normal)):
