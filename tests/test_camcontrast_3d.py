@@ -2,6 +2,8 @@
 volume outputs, export guards and the tiny camcontrast3d pipeline."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -111,3 +113,46 @@ def test_tiny_3d_pipeline_writes_volume_crops_and_the_views_figure(tiny_run, tmp
   # a 3-D classifier has no torch reference network
   with pytest.raises(export.ExportError, match="no PyTorch reference"):
     export.export(workdir / "classifier", "torch", tmp_path)
+
+
+@pytest.mark.xdist_group("camcontrast3d")
+def test_tiny_3d_pipeline_pretrains_on_sub_volumes_and_fine_tunes(tiny_run):
+  """Stage 2 on the 3-D crops and heatmap crops (standard3d augmentation), the linear probe
+  and Table 11's fine-tuning from the pretrained encoder, all on volumes."""
+  workdir = tiny_run("camcontrast3d")
+  pre = json.loads((workdir / "pretrain" / "config.json").read_text())
+  assert pre["augment"]["policy"] == "standard3d"
+  assert pre["loss"]["objective"] == "image_heatmap"
+  losses = [r["loss"] for r in _metrics(workdir / "pretrain") if "loss" in r]
+  assert len(losses) == 2 and all(np.isfinite(losses))
+  probe = _metrics(workdir / "linear_eval")[-1]
+  assert 0.0 <= probe["eval/auc_100pct"] <= 1.0
+  loaded = (workdir / "finetune" / "init_from.txt").read_text()
+  assert "encoder" in loaded and "loaded" in loaded
+  ft = json.loads((workdir / "finetune" / "config.json").read_text())
+  assert ft["augment"]["flip_p"] == 0.5 and ft["augment"]["rotate_degrees"] == 30.0
+  final = [r for r in _metrics(workdir / "finetune") if r.get("split") == "eval"][-1]
+  assert ft["train"]["eval_split"] == "test" and 0.0 <= final["eval/auc"] <= 1.0
+
+
+def _metrics(stage_dir):
+  return [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_3d_config_rows_of_table_11():
+  """variant=random is the fine-tuning stage alone; the -crop baselines keep every stage."""
+  from conftest import config_module  # pylint: disable=g-import-not-at-top
+  mod = config_module("camcontrast3d")
+  random = mod.get_config("variant=random,size=tiny")
+  assert list(random.stages) == ["finetune"] and not random.finetune.init_from
+  supcon = mod.get_config("variant=supcon_crop,size=tiny,linear=none")
+  assert list(supcon.stages) == ["classifier", "heatmaps", "pretrain", "finetune"]
+  assert supcon.pretrain.loss.objective == "supcon"
+  assert supcon.finetune.init_from == "stage:pretrain"
+  paper = mod.get_config("size=paper,data=volume_folder")
+  assert paper.pretrain.model.encoder == "resnet18_3d"
+  assert (paper.pretrain.optim.lr, paper.pretrain.optim.weight_decay) == (1e-3, 1e-5)
+  assert (paper.pretrain.train.batch_size, paper.pretrain.train.num_epochs) == (16, 120.0)
+  assert (paper.finetune.train.batch_size, paper.finetune.train.num_epochs) == (8, 100.0)
+  assert paper.finetune.optim.weight_decay == 1e-5
+  assert mod.FINETUNE_LRS[0] == 1e-3 and mod.FINETUNE_LRS[-1] == 1e-1

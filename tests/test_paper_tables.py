@@ -203,7 +203,9 @@ def checked(tmp_path_factory) -> dict[str, list[str]]:
       for name, stage in stages_of(config):
         methods.load_method(stage)  # resolves config.method and config.stage
         if "data" in stage:
-          assert stage.data.name == "phantoms", f"stage {name!r} reads {stage.data.name}"
+          # the 3-D configs read the volume phantoms
+          assert stage.data.name in ("phantoms", "phantoms3d"), (
+              f"stage {name!r} reads {stage.data.name}")
           assert len(registry.get_source(stage.data, "train")) > 0
       workdir = root / c.workdir
       if pipeline.is_pipeline(config):

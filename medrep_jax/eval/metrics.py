@@ -255,7 +255,8 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray,
     for K > 2 the macro one-vs-rest AUC over classes present with both
     values; NaN if undefined), ``auc_pr`` (average precision, binary of P(class 1),
     else the macro one-vs-rest mean over classes present; NaN if undefined) and
-    ``ece`` (15 bins), plus
+    ``ece`` (15 bins); for K > 2 also ``auc_<k>``, the one-vs-rest ROC AUC of each
+    class k (CAMContrast Table 11's CN / MCI / AD columns; NaN where undefined), plus
     ``confusion_matrix`` as a nested list of ints (rows true, columns pred),
     the one non-scalar entry.
   """
@@ -272,12 +273,14 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray,
   recall = np.divide(tp, true_count, out=np.zeros_like(tp), where=true_count > 0)
   denom = precision + recall
   f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+  per_class = {}
   if num_classes == 2:
     auc = roc_auc(p[:, 1], labels == 1)
     auc_pr = average_precision(p[:, 1], labels == 1)
   else:
     onehot = np.eye(num_classes, dtype=np.int64)[labels]
-    auc = multilabel_auc(p, onehot)
+    auc, aucs = multilabel_auc(p, onehot, return_per_class=True)
+    per_class = {f"auc_{k}": float(a) for k, a in enumerate(aucs)}
     auc_pr = multilabel_average_precision(p, onehot)
   return {
       "accuracy": float(tp.sum() / max(labels.size, 1)),
@@ -287,6 +290,7 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray,
       "auc": auc,
       "auc_pr": auc_pr,
       "ece": ece(p, labels),
+      **per_class,
       "confusion_matrix": cm.tolist(),
   }
 

@@ -136,6 +136,8 @@ class Finetune(base.Method):
   def augment(self, rng, batch):
     """The `augment` config's crop, flip and rotation (CAMContrast Table 2) of every
     example, keyed by its dataset index; a mask and an roi move with the image."""
+    if batch["image"].ndim == 5:  # volumes: the same crop, flip and rotation in 3-D
+      return {**batch, "image": self.augment_volumes(rng, batch)}
     classes = {}
     if self.task == "segmentation":
       classes = {"mask": max(2, int(self.info.num_mask_classes)), "roi": 2}
@@ -144,6 +146,21 @@ class Finetune(base.Method):
         rng, batch["image"], {k: batch[k] for k in classes}, label_classes=classes,
         indices=batch["index"], **self.augment_kwargs)
     return {**batch, "image": images.astype(batch["image"].dtype), **moved}
+
+  def augment_volumes(self, rng, batch) -> jax.Array:
+    """The `augment` crop, flip and rotation on volumes (B, D, H, W, C): a 3-D resized crop,
+    a left-right flip and one in-plane rotation of every slice (`standard3d` without
+    intensity jitter; CAMContrast Sec. 4.7 keeps the 2-D protocol on volumes)."""
+    if self.task != "classification":
+      raise ConfigError("augment (crop, flip, rotation) on volumes is built for "
+                        "task=classification only; leave augment at its identity defaults "
+                        "for 3-D segmentation")
+    kw = self.augment_kwargs
+    images = augment.augment_batch(
+        "standard3d", rng, batch["image"], indices=batch["index"], scale=kw["scale"],
+        ratio=kw["ratio"], flip_p=kw["flip_p"], degrees=kw["degrees"], fill=kw["fill"],
+        jitter_p=0.0)
+    return images.astype(batch["image"].dtype)
 
   def loss_fn(self, params, state, batch, rng):
     # no stochastic layers; the rng only drives the optional training augmentation

@@ -13,6 +13,10 @@ Policies map (rng, one image) to one augmented image of a fixed size:
     resized crop, horizontal flip, rotation), applied alike to the image and its
     label maps; `downstream_kwargs` reads it from a config's `augment` block and
     `augment_labelled_batch` batches it.
+  - `standard3d_augment` ("standard3d"): the standard augmentation carried over to
+    (D, H, W, C) volumes for CAMContrast's 3-D pretraining (Sec. 4.7), from the ops of
+    `volume`.
+  - `no_augment` ("none"): the identity, on images and volumes alike.
 
 Random choices are made with masks and `jnp.where`, never Python control flow,
 so one compiled program serves every draw. Under `vmap` a `lax.switch` or
@@ -25,7 +29,9 @@ site compiles to its own threefry hash; this cut CPU compile time about 3x.
 
 `augment_batch` and `make_views` derive every example's key as
 fold_in(fold_in(rng, view), index), so example i's augmentation does not depend
-on the batch size, its position in a shard, or the device count.
+on the batch size, its position in a shard, or the device count. They take a batch
+of images (B, H, W, C) or of volumes (B, D, H, W, C); a registered policy given the
+other kind fails at once with a ValueError naming the policy and the shape.
 """
 from __future__ import annotations
 
@@ -38,7 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from medrep_jax.config_lib import ConfigError
-from medrep_jax.data.augment import ops
+from medrep_jax.data.augment import ops, volume
 
 Array = jax.Array
 Policy = Callable[..., Array]
@@ -324,15 +330,91 @@ def downstream_augment(rng: Array, img: Array, labels: dict[str, Array] | None =
   return x, {k: jnp.argmax(m, -1).astype(labels[k].dtype) for k, m in zip(labels, maps)}
 
 
+def standard3d_augment(rng: Array, vol: Array, out_size: Size = None, *,
+                       scale: tuple[float, float] = (0.8, 1.0),
+                       ratio: tuple[float, float] = (3 / 4, 4 / 3), flip_p: float = 0.5,
+                       degrees: float = 30.0, jitter: Sequence[float] = (0.4, 0.4),
+                       jitter_p: float = 0.8, flip_axes: Sequence[int | str] = ("w",),
+                       fill: str = "zero") -> Array:
+  """CAMContrast's standard augmentation on one volume (Yap & Ng, Sec. 4.7; "standard3d").
+
+  Sec. 4.7 keeps the 2-D pretraining pipeline for the 3-D ADNI runs, so this is
+  `standard_augment` carried over to (D, H, W, C) volumes, in the same order:
+    1. 3-D random resized crop (volume fraction in `scale`, in-plane and depth aspects
+       in `ratio`; `volume.crop_box3d_from_uniform`) resampled trilinearly to
+       `out_size` (`volume.out_dhw`: None keeps the input size);
+    2. a flip along each of `flip_axes` with probability `flip_p` each (default the
+       left-right axis only, the 2-D horizontal flip);
+    3. the same in-plane rotation, uniform in [-degrees, degrees], of every axial
+       slice (`volume.rotate_volume`);
+    4. with probability `jitter_p`, brightness and contrast jitter of strengths
+       `jitter` = (brightness, contrast), one draw for the whole volume.
+  There is no hue, saturation or grayscale step: volumes are single-channel (MRI,
+  CT), where those are identities. Parts at a static identity (flip_p <= 0,
+  degrees = 0) are left out of the program; scale = ratio = (1, 1), flip_p = 0,
+  degrees = 0 and jitter_p = 0 return the input (up to resampling rounding, about
+  1e-6) on volumes with square slices.
+
+  Args:
+    rng: PRNG key for this volume.
+    vol: (D, H, W, C) float32 volume in [0, 1], C in {1, 3}.
+    out_size: int (cube), (h, w) (depth kept) or (d, h, w); None keeps the input size.
+    scale, ratio, flip_p, degrees, jitter, jitter_p: as `standard_augment` (`jitter`
+      takes (brightness, contrast), or up to 4 strengths for C = 3).
+    flip_axes: spatial axes flipped independently (0 / "d", 1 / "h", 2 / "w"); static.
+    fill: rotation fill, "zero" or "edge".
+
+  Returns:
+    The augmented (out_d, out_h, out_w, C) float32 volume in [0, 1].
+  """
+  volume.check_volume(vol, "augmentation policy 'standard3d'")
+  flip_axes = tuple(flip_axes)
+  static = lambda v: isinstance(v, (int, float))
+  draws = _Uniforms(rng, volume.CROP3D_UNIFORMS + len(flip_axes) + ops.JITTER_UNIFORMS + 2)
+  box = volume.crop_box3d_from_uniform(draws.take(volume.CROP3D_UNIFORMS), *vol.shape[:3],
+                                       scale, ratio)
+  x = volume.crop_resize_volume(vol, box, out_size)
+  flips = draws.take(len(flip_axes))
+  if not (static(flip_p) and flip_p <= 0):
+    for i, axis in enumerate(flip_axes):
+      x = jnp.where(flips[i] < flip_p, volume.flip_volume(x, axis), x)
+  angle = degrees * (2.0 * draws.take() - 1.0)
+  if not (static(degrees) and degrees == 0):
+    x = volume.rotate_volume(x, angle, fill)
+  jittered = volume.color_jitter_volume_from_uniform(x, draws.take(ops.JITTER_UNIFORMS), *jitter)
+  return jnp.where(draws.take() < jitter_p, jittered, x)
+
+
+def no_augment(rng: Array, img: Array, *args: Any, **kwargs: Any) -> Array:
+  """The identity policy ("none"): returns `img` as float32 and ignores the key and any
+  other arguments (out_size included). Takes one image (H, W, C) or volume (D, H, W, C),
+  e.g. to pretrain without augmentation as an ablation."""
+  del rng, args, kwargs
+  return jnp.asarray(img).astype(jnp.float32)
+
+
 POLICIES: dict[str, Policy] = {
     "strong": strong_augment,
     "simclr": simclr_augment,
     "standard": standard_augment,
+    "standard3d": standard3d_augment,
+    "none": no_augment,
 }
+
+# Batch ranks each registered policy takes: 4 for images (B, H, W, C), 5 for volumes
+# (B, D, H, W, C). Other callables may take either.
+_POLICY_RANKS: dict[Policy, tuple[int, ...]] = {
+    strong_augment: (4,), simclr_augment: (4,), standard_augment: (4,),
+    standard3d_augment: (5,), no_augment: (4, 5),
+}
+_BATCH_KINDS = {4: "images (B, H, W, C)", 5: "volumes (B, D, H, W, C)"}
+_OTHER_KIND_HINT = {4: "; use 'standard3d' (or 'none') for volumes",
+                    5: "; use a 2-D policy ('standard', 'simclr', 'strong') for images"}
 
 
 def get_policy(policy: str | Policy) -> Policy:
-  """Looks up a policy by name ("strong", "simclr", "standard"), or returns a callable."""
+  """Looks up a policy by name ("strong", "simclr", "standard", "standard3d", "none"), or
+  returns a callable."""
   if callable(policy):
     return policy
   if policy not in POLICIES:
@@ -456,19 +538,40 @@ def downstream_kwargs(config: Any, prefix: str = "augment") -> dict[str, Any] | 
               fill=str(values["fill"]))
 
 
-def _as_float(images: Array) -> Array:
+def _as_float(images: Array, ranks: tuple[int, ...] = (4,)) -> Array:
+  """The batch as float32 in [0, 1] (uint8 scaled by 1/255); `ranks` are the accepted
+  batch ranks: 4 for images (B, H, W, C), 5 for volumes (B, D, H, W, C)."""
   images = jnp.asarray(images)
-  if images.ndim != 4 or images.shape[-1] not in (1, 3):
-    raise ValueError(f"expected a batch of images (B, H, W, C) with C in {{1, 3}}, "
+  if images.ndim not in ranks or images.shape[-1] not in (1, 3):
+    kinds = " or ".join(_BATCH_KINDS[r] for r in ranks)
+    raise ValueError(f"expected a batch of {kinds} with C in {{1, 3}}, "
                      f"got shape {images.shape}")
   if jnp.issubdtype(images.dtype, jnp.integer):
     return images.astype(jnp.float32) / 255.0
   return images.astype(jnp.float32)
 
 
+def _policy_input(fn: Policy, images: Array) -> Array:
+  """`images` as a float32 batch of images or volumes that the policy `fn` takes.
+
+  Raises:
+    ValueError: not a batch of images or volumes, or (for a registered policy) the
+      other kind than the policy takes; the message names the policy and the shape.
+  """
+  images = _as_float(images, (4, 5))
+  ranks = next((r for f, r in _POLICY_RANKS.items() if f is fn), (4, 5))  # fn may not hash.
+  if images.ndim not in ranks:
+    name = next((k for k, v in POLICIES.items() if v is fn), getattr(fn, "__name__", fn))
+    kinds = " or ".join(_BATCH_KINDS[r] for r in ranks)
+    hint = _OTHER_KIND_HINT[ranks[0]] if len(ranks) == 1 else ""
+    raise ValueError(f"augmentation policy {name!r} takes a batch of {kinds}, "
+                     f"got shape {images.shape}{hint}")
+  return images
+
+
 def augment_batch(fn: str | Policy, rng: Array, images: Array, *,
                   indices: Array | None = None, **kwargs: Any) -> Array:
-  """Applies a single-image policy to every image with its own key.
+  """Applies a single-image (or single-volume) policy to every example with its own key.
 
   Example i gets the key fold_in(rng, indices[i]) (indices default to
   0..B-1), so its result does not depend on the batch size or on how the batch
@@ -476,17 +579,23 @@ def augment_batch(fn: str | Policy, rng: Array, images: Array, *,
   function of (rng, example) only.
 
   Args:
-    fn: a policy name or a callable fn(rng, img, **kwargs) on one (H, W, C) image.
+    fn: a policy name or a callable fn(rng, x, **kwargs) on one (H, W, C) image or
+      one (D, H, W, C) volume.
     rng: PRNG key.
-    images: (B, H, W, C) batch; uint8 is scaled by 1/255, floats must be in [0, 1].
+    images: (B, H, W, C) images or (B, D, H, W, C) volumes; uint8 is scaled by 1/255,
+      floats must be in [0, 1].
     indices: optional (B,) integer example ids used to derive the keys.
     **kwargs: passed to `fn` (e.g. out_size=..., num_ops=...).
 
   Returns:
-    (B, out_h, out_w, C) float32 augmented images.
+    (B, out_h, out_w, C) or (B, out_d, out_h, out_w, C) float32 augmented examples.
+
+  Raises:
+    ValueError: `images` is neither kind, or a registered policy gets the other kind
+      (a 2-D policy volumes, "standard3d" images); the message names the policy.
   """
   fn = get_policy(fn)
-  images = _as_float(images)
+  images = _policy_input(fn, images)
   keys = _example_keys(rng, images.shape[0], indices)
   return jax.vmap(lambda k, x: fn(k, x, **kwargs))(keys, images)
 
@@ -523,16 +632,19 @@ def make_views(rng: Array, images: Array, policy: str | Policy = "strong", num_v
 
   Args:
     rng: PRNG key.
-    images: (B, H, W, C) batch.
-    policy: "strong", "simclr", "standard", or a callable policy.
+    images: (B, H, W, C) images or (B, D, H, W, C) volumes.
+    policy: "strong", "simclr", "standard", "standard3d" (volumes), "none", or a
+      callable policy.
     num_views: number of views V.
     indices: optional (B,) example ids (see `augment_batch`).
     **kwargs: passed to the policy (e.g. out_size=..., num_ops=...).
 
   Returns:
-    (V, B, out_h, out_w, C) float32 views; `v1, v2, v3 = make_views(...)` unpacks them.
+    (V, B, out_h, out_w, C) float32 views ((V, B, out_d, out_h, out_w, C) for volumes);
+    `v1, v2, v3 = make_views(...)` unpacks them.
   """
   fn = get_policy(policy)
+  images = _policy_input(fn, images)  # Fails here, not inside the vmap over views.
   view_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
       rng, jnp.arange(num_views, dtype=jnp.uint32))
   return jax.vmap(lambda k: augment_batch(fn, k, images, indices=indices, **kwargs))(view_keys)
