@@ -18,6 +18,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from medrep_jax.models.conditioning import group_norm
 from medrep_jax.models.resnet import Dtype
@@ -38,14 +39,72 @@ def attention_weights(q: jnp.ndarray, k: jnp.ndarray) -> jnp.ndarray:
   return jax.nn.softmax(logits / jnp.sqrt(jnp.float32(q.shape[-1])), axis=-1)
 
 
+def _mixed_einsum(spec: str, a: jnp.ndarray, b: jnp.ndarray, dtype) -> jnp.ndarray:
+  """``einsum(spec, a, b)`` on operands cast to ``dtype``, accumulated in float32.
+
+  Both operands enter the dot in the compute dtype (bf16 under mixed precision), so the
+  matmul runs on the low-precision units; the float32 result keeps the sum exact enough
+  for the softmax. For float32 operands it is the plain float32 einsum.
+  """
+  return jnp.einsum(spec, a.astype(dtype), b.astype(dtype),
+                    preferred_element_type=jnp.float32)
+
+
+def _attention_forward(q, k, v):
+  """Output (in v's dtype) and the float32 softmax probabilities (B, N, Lq, Lk)."""
+  # The scale multiplies the float32 logits after the dot, as jax.nn's XLA path does.
+  scale = jnp.float32(1.0 / np.sqrt(q.shape[-1]))
+  logits = _mixed_einsum("bqnd,bknd->bnqk", q, k, jnp.promote_types(q.dtype, k.dtype))
+  probs = jax.nn.softmax(logits * scale, axis=-1)
+  o = _mixed_einsum("bnqk,bknd->bqnd", probs, v, v.dtype)
+  return o.astype(v.dtype), probs
+
+
+@jax.custom_vjp
+def _xla_attention(q, k, v):
+  """softmax(Q K^T / sqrt(d)) V whose forward and backward dots take the inputs' dtype."""
+  return _attention_forward(q, k, v)[0]
+
+
+def _xla_attention_fwd(q, k, v):
+  o, probs = _attention_forward(q, k, v)
+  return o, (q, k, v, probs)
+
+
+def _xla_attention_bwd(res, do):
+  """The attention VJP with every dot in the compute dtype, float32 accumulation.
+
+  Autodiff of the forward would contract the float32 logit cotangent with bf16 Q and K
+  (mixed-dtype dots, float32 on the matmul units); here dS is cast to the operand dtype
+  first, as fused attention kernels do. The softmax backward stays float32.
+  """
+  q, k, v, probs = res
+  scale = jnp.float32(1.0 / np.sqrt(q.shape[-1]))
+  dt = v.dtype
+  dv = _mixed_einsum("bnqk,bqnd->bknd", probs, do, dt)
+  dp = _mixed_einsum("bqnd,bknd->bnqk", do, v, dt)
+  ds = probs * (dp - jnp.sum(dp * probs, axis=-1, keepdims=True)) * scale
+  dq = _mixed_einsum("bnqk,bknd->bqnd", ds, k, k.dtype)
+  dk = _mixed_einsum("bnqk,bqnd->bknd", ds, q, q.dtype)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+_xla_attention.defvjp(_xla_attention_fwd, _xla_attention_bwd)
+
+
 def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
               implementation: str | None = None) -> jnp.ndarray:
   """softmax(Q K^T / sqrt(d)) V, shape (B, Lq, N, d), in v's dtype.
 
-  Equal to ``einsum("bnqk,bknd->bqnd", attention_weights(q, k), v)``; runs
-  through ``jax.nn.dot_product_attention`` so ``implementation="cudnn"``
-  selects the fused GPU kernel (bf16/fp16 inputs) and None the XLA path.
+  Equal to ``einsum("bnqk,bknd->bqnd", attention_weights(q, k), v)``.
+  ``implementation="cudnn"`` runs ``jax.nn.dot_product_attention``'s fused GPU kernel
+  (bf16/fp16 inputs). None or "xla" runs the same math as its XLA path (float32 logits
+  and softmax), with a custom VJP so that in bf16 every dot of the forward and the
+  backward has bf16 operands and float32 accumulation (the XLA path's backward
+  contracts the float32 dS with bf16 Q and K); float32 inputs give its results.
   """
+  if implementation in (None, "xla"):
+    return _xla_attention(q, k, v)
   return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
 
 

@@ -42,6 +42,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from medrep_jax.models.attention import attention
 from medrep_jax.models.resnet import Dtype, make_norm
 
 LOGVAR_MIN = -30.0
@@ -134,8 +135,8 @@ class ResBlock(nn.Module):
 class AttnBlock(nn.Module):
   """Single-head spatial self-attention with a residual (LDM mid block).
 
-  Uses ``jax.nn.dot_product_attention`` (softmax in float32; a fused kernel
-  on GPU where available).
+  Uses ``models.attention.attention`` (``jax.nn.dot_product_attention``'s math:
+  softmax in float32; in bf16 every dot of the forward and backward has bf16 operands).
   """
   dtype: Dtype = jnp.float32
 
@@ -145,7 +146,7 @@ class AttnBlock(nn.Module):
     y = make_norm("group", x, False, name="norm", dtype=self.dtype)
     q, k, v = (_conv(c, 1, self.dtype, n)(y).reshape(b, h * w, 1, c)
                for n in ("q", "k", "v"))
-    y = jax.nn.dot_product_attention(q, k, v).reshape(b, h, w, c)
+    y = attention(q, k, v).reshape(b, h, w, c)
     return x.astype(self.dtype) + _conv(c, 1, self.dtype, "proj_out")(y)
 
 
