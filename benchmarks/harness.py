@@ -103,6 +103,39 @@ def compile_time(jitted: Any, *args: Any, **kwargs: Any) -> CompileResult:
   return CompileResult(compiled, mid - start, time.perf_counter() - mid, lowered)
 
 
+_CACHE_EVENTS = {"/jax/compilation_cache/cache_hits": "hits",
+                 "/jax/compilation_cache/cache_misses": "misses"}
+_cache_counts = {"hits": 0, "misses": 0}
+_cache_listening = False
+
+
+def _count_cache_event(event: str, **_: Any) -> None:
+  if event in _CACHE_EVENTS:
+    _cache_counts[_CACHE_EVENTS[event]] += 1
+
+
+def use_compile_cache(path: str | os.PathLike) -> None:
+  """Shares compiled executables between the programs of this process (and later runs
+  pointed at the same ``path``): JAX's persistent compilation cache, every program
+  cached whatever its compile time or size. A program compiled again (the same HLO, e.g.
+  ``dcl_cstp_bank``'s K program after ``dcl_cstp``'s) is then loaded, not compiled; on a
+  GPU the cache also keeps XLA's autotuning results. Call before the first compile
+  (JAX looks at the setting once); cache hits are counted from then on
+  (``compile_cache_counts``)."""
+  global _cache_listening
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+  if not _cache_listening:
+    jax.monitoring.register_event_listener(_count_cache_event)
+    _cache_listening = True
+
+
+def compile_cache_counts() -> dict[str, int]:
+  """Persistent compilation cache hits and misses so far (after ``use_compile_cache``)."""
+  return dict(_cache_counts)
+
+
 class TraceResult(NamedTuple):
   """A step traced (and lowered) for abstract arguments (nothing compiled or run)."""
   lowered: Any

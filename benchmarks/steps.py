@@ -90,14 +90,18 @@ class StepBench:
 
   def compile(self) -> dict[str, Any]:
     """Lowers and compiles the step ahead of time; returns the compile fields."""
+    hits = harness.compile_cache_counts()["hits"]
     with jax.set_mesh(self.mesh), guards.donation_warnings() as donation:
       res = harness.compile_time(self.step_fn, self.state, self.batch)
     self.lowered, self.compiled = res.lowered, res.compiled
     mem, peak = memory_peak(res.compiled)
     xla = harness.cost_flops(res.compiled)
-    return {"lower_s": res.lower_s, "compile_s": res.compile_s,
-            "flops_per_example_xla": None if xla is None else xla / self.batch_size,
-            "memory": mem, "memory_peak_bytes": peak, "donation_warnings": donation}
+    out = {"lower_s": res.lower_s, "compile_s": res.compile_s,
+           "flops_per_example_xla": None if xla is None else xla / self.batch_size,
+           "memory": mem, "memory_peak_bytes": peak, "donation_warnings": donation}
+    if jax.config.jax_compilation_cache_dir:  # Loaded from the shared compile cache?
+      out["compile_cache_hit"] = harness.compile_cache_counts()["hits"] > hits
+    return out
 
   def trace(self, lower: bool = True) -> dict[str, Any]:
     """Traces (and lowers) the step of an ``abstract`` bench; returns the timing fields."""

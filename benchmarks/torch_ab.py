@@ -39,11 +39,13 @@ def device() -> str:
   return "cuda" if torch is not None and torch.cuda.is_available() else "cpu"
 
 
-def setups(torch_compile: bool = True, *, gpu: bool | None = None) -> list[dict[str, Any]]:
+def setups(torch_compile: bool = True, *, gpu: bool | None = None,
+           kinds: Sequence[str] = KINDS) -> list[dict[str, Any]]:
   """The torch setups to compare against: eager, then ``torch.compile`` when asked.
 
   ``gpu``: the GPU setups (bf16 autocast + channels-last) rather than float32; None = on
-  CUDA only (True builds them on CPU too, as the GPU suite's dry run does).
+  CUDA only (True builds them on CPU too, as the GPU suite's dry run does). ``kinds``:
+  the kinds to keep (``("compile",)``: the compiled setup alone, run later than eager).
   """
   gpu = device() == "cuda" if gpu is None else gpu
   settings = dict(amp=gpu, channels_last=gpu)
@@ -51,7 +53,7 @@ def setups(torch_compile: bool = True, *, gpu: bool | None = None) -> list[dict[
   out = [dict(name=f"eager{suffix}", kind="eager", compile=False, **settings)]
   if torch_compile:
     out.append(dict(name=f"compiled{suffix}", kind="compile", compile=True, **settings))
-  return out
+  return [s for s in out if s["kind"] in kinds]
 
 
 def autocast_module(module: Any) -> Any:
@@ -141,9 +143,10 @@ def ratio_fields(measured: Sequence[tuple[Mapping[str, Any], dict[str, Any]]],
 
 def compare(jax_fn: Callable[[], Any], factory: TorchFactory, *, batch: int, rounds: int,
             iters: int, threads: str = "auto", torch_compile: bool = True,
-            gpu: bool | None = None, notes: Sequence[str] = ()
+            gpu: bool | None = None, notes: Sequence[str] = (), kinds: Sequence[str] = KINDS
             ) -> tuple[dict[str, Any], dict[str, Any]]:
-  """A/B rounds of ``jax_fn`` against each torch setup (``setups(torch_compile, gpu=gpu)``).
+  """A/B rounds of ``jax_fn`` against each torch setup (``setups(torch_compile, gpu=gpu,
+  kinds=kinds)``).
 
   Returns:
     (JAX timing of the first comparison, record fields: ``torch`` {setup: timing and
@@ -152,7 +155,7 @@ def compare(jax_fn: Callable[[], Any], factory: TorchFactory, *, batch: int, rou
   """
   out: dict[str, Any] = {"torch": {}, "torch_notes": list(notes)}
   measured, jax_timing, n_threads = [], None, None
-  for s in setups(torch_compile, gpu=gpu):
+  for s in setups(torch_compile, gpu=gpu, kinds=kinds):
     try:
       step, first_s = build(factory, s)
       probe: dict[str, Any] = {}
@@ -169,6 +172,23 @@ def compare(jax_fn: Callable[[], Any], factory: TorchFactory, *, batch: int, rou
     measured.append((s, ab))
   out.update(ratio_fields(measured, out["torch"]))
   return jax_timing, out
+
+
+def merge(row: dict[str, Any], fields: Mapping[str, Any]) -> None:
+  """Adds the fields of later A/B rounds (a deferred compiled setup) to ``row``: its
+  ``torch`` setups, notes and ``speedup_vs_torch_<kind>``, and ``speedup_vs_torch`` /
+  ``torch_setup`` against the faster of all the row's measured setups."""
+  row.setdefault("torch", {}).update(fields.get("torch", {}))
+  notes = row.setdefault("torch_notes", [])
+  notes += [n for n in fields.get("torch_notes", []) if n not in notes]
+  for k in KINDS:
+    if fields.get(f"speedup_vs_torch_{k}") is not None:
+      row[f"speedup_vs_torch_{k}"] = fields[f"speedup_vs_torch_{k}"]
+  timed = [(name, rec) for name, rec in row["torch"].items()
+           if "step_s" in rec and row.get(f"speedup_vs_torch_{rec['kind']}")]
+  if timed:
+    name, rec = min(timed, key=lambda t: t[1]["step_s"])
+    row["speedup_vs_torch"], row["torch_setup"] = row[f"speedup_vs_torch_{rec['kind']}"], name
 
 
 def iters_per_round(step_s: float, budget_s: float, rounds: int) -> int:

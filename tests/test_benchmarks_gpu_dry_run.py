@@ -65,6 +65,11 @@ def test_dry_run_of_the_gpu_suite_writes_its_table_and_json(tmp_path):
   assert traced["flops_per_step_analytic"] > 1e14 and traced["est_h100_step_s"] > 0
   assert "step_s" not in traced and "times" not in traced
   assert record["checks"] and all(c["ok"] is not False for c in record["checks"])
+  # The estimate of the GPU call, and the compile cache shared by the run's workloads.
+  assert "estimate of --suite gpu --check on an H100" in proc.stdout
+  est = record["gpu_call_estimate"]
+  assert (est["xla_programs"], est["cached_programs"]) == (1, 0)
+  assert record["compile_cache"] == "temporary" and record["deadline_s"] is None
 
 
 # ddim50 runs in the command above, ltdiff_ddpm at full size below.
@@ -76,6 +81,8 @@ def test_every_gpu_workload_traces_at_tiny_size(name):
   with suite_run.gpu_code_paths(True):
     rows = workloads.runner(name)(opts)
   assert rows and all(r["workload"] == name and r["abstract"] for r in rows)
+  if name == "dcl_cstp_bank":  # Its K program is dcl_cstp's (compiled once in a run).
+    assert [r.get("same_program_as") for r in rows] == ["dcl_cstp", None]
   for r in rows:
     assert r["dtype"] == "bfloat16" and r["flops_per_step_analytic"] > 0
     assert r["compiles"] == 1 and r["trace_s"] > 0 and r["lower_s"] is None
@@ -206,3 +213,147 @@ def test_compare_fails_when_the_eager_reference_fails(fake_torch):
 
   with pytest.raises(ValueError, match="broken reference"):
     torch_ab.compare(lambda: None, broken, batch=1, rounds=1, iters=1)
+
+
+# ------------------------------------------------------------------ one call of the GPU
+
+
+def test_gpu_suite_deadline_default_and_override():
+  assert suite_run.parse_args(["--suite", "gpu"]).deadline_s == suite_run.GPU_DEADLINE_S < 480
+  assert suite_run.parse_args(["--suite", "gpu", "--deadline-s", "600"]).deadline_s == 600
+  assert suite_run.parse_args(["--suite", "gpu", "--deadline-s", "inf"]).deadline_s is None
+  assert suite_run.parse_args(["--suite", "gpu", "--dry-run"]).deadline_s is None
+  assert suite_run.parse_args(["--suite", "cpu"]).deadline_s is None
+  # Under a deadline the torch.compile rounds are put off to the end; otherwise not.
+  (_, gpu), = suite_run.phases(suite_run.parse_args(["--suite", "gpu"]), "gpu")
+  (_, cpu), = suite_run.phases(suite_run.parse_args(["--suite", "cpu"]), "cpu")
+  assert gpu.deferred == [] and cpu.deferred is None
+
+
+class _FakeBench:
+  """A JAX step stand-in for ``torch_compare``: a callable with a batch size."""
+  batch_size = 4
+
+  def __call__(self):
+    time.sleep(0.002)
+
+
+def test_torch_compare_defers_the_compiled_reference(fake_torch, monkeypatch):
+  from benchmarks.workloads import common  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(torch_ab, "torch_or_none", lambda: object())  # "Installed".
+  opts = Options(suite="gpu", deferred=[])
+  opts.timing.update(rounds=1, budget_s=0.0)
+  compare = common.torch_compare(opts, lambda bench, record: _factory(0.004, 0.001))
+  record = {"probe_s": 0.002}
+  compare(_FakeBench(), record)
+  assert set(record["torch"]) == {"eager"} and record["speedup_vs_torch_compile"] is None
+  (job,) = opts.deferred
+  assert record["torch_deferred"] == job.index == 0
+  row = dict(record)
+  torch_ab.merge(row, job.run())
+  assert set(row["torch"]) == {"eager", "compiled"}
+  assert row["speedup_vs_torch_compile"] and row["speedup_vs_torch_eager"]
+  assert row["torch_setup"] == "compiled"  # The faster of the two references.
+
+
+def _deferred_row(index):
+  return {"workload": f"w{index}", "point": "p", "torch_deferred": index,
+          "torch": {"eager": {"kind": "eager", "step_s": 0.01}},
+          "speedup_vs_torch_eager": _ratio(2.0), "speedup_vs_torch_compile": None,
+          "torch_notes": []}
+
+
+def test_deferred_torch_compile_runs_while_the_deadline_allows(monkeypatch):
+  """XLA figures first: the compiled references run last, each only if the time left
+  covers the longest so far; the rest are skipped with a note."""
+  from benchmarks.workloads.common import DeferredCompile  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(suite_run, "TORCH_COMPILE_EST_S", 0.5)
+  fields = {"torch": {"compiled": {"kind": "compile", "step_s": 0.005}},
+            "speedup_vs_torch_compile": _ratio(1.0), "torch_notes": []}
+
+  def slow():
+    time.sleep(0.6)
+    return fields
+
+  calls = []
+  jobs = [DeferredCompile(0, lambda: calls.append(0) or fields),
+          DeferredCompile(1, lambda: calls.append(1) or slow()),
+          DeferredCompile(2, lambda: calls.append(2) or fields)]
+  opts = Options(suite="gpu", deferred=jobs)
+  record = {"rows": [_deferred_row(i) for i in range(3)]}
+  args = suite_run.parse_args(["--suite", "gpu", "--deadline-s", "1.0"])
+  updates = []
+  suite_run.run_deferred(args, [(None, opts)], record, time.perf_counter(), updates.append)
+  first, second, third = record["rows"]
+  assert calls == [0, 1] and opts.deferred == [] and len(updates) == 2
+  assert first["speedup_vs_torch_compile"] == _ratio(1.0)
+  assert first["torch_setup"] == "compiled" and "torch_deferred" not in first
+  assert first["torch_compile_wall_s"] >= 0 and second["torch_compile_wall_s"] >= 0.6
+  # ~0.4 s left: less than the longest compile so far (0.6 s), so the third is skipped.
+  assert third["speedup_vs_torch_compile"] is None and "torch_deferred" not in third
+  assert third["torch_notes"][0].startswith("torch.compile skipped:")
+  assert "of --deadline-s 1," in third["torch_notes"][0]
+  assert "torch.compile skipped" in suite_run.display(third)["note"]
+
+
+def test_a_failed_deferred_compile_is_noted():
+  from benchmarks.workloads.common import DeferredCompile  # pylint: disable=import-outside-toplevel
+
+  def fail():
+    raise RuntimeError("inductor broke")
+
+  opts = Options(suite="gpu", deferred=[DeferredCompile(0, fail)])
+  record = {"rows": [_deferred_row(0)]}
+  args = suite_run.parse_args(["--suite", "gpu", "--deadline-s", "inf"])
+  suite_run.run_deferred(args, [(None, opts)], record, time.perf_counter(), None)
+  (row,) = record["rows"]
+  assert row["torch_notes"] == ["torch.compile failed: RuntimeError: inductor broke"]
+  assert row["speedup_vs_torch_compile"] is None and "torch_setup" not in row
+
+
+def test_workloads_share_one_compile_cache(tmp_path):
+  """A program compiled again in the run (same HLO: dcl_cstp_bank's K step after
+  dcl_cstp's) is loaded from the run's compile cache; the settings are restored after."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from benchmarks import harness  # pylint: disable=import-outside-toplevel
+  with suite_run.compile_cache("off", "gpu") as off, suite_run.compile_cache(None, "cpu") as cpu:
+    assert off is None and cpu is None
+  before = jax.config.jax_compilation_cache_dir
+  def fn(x):  # A new function object per call: no in-memory cache of JAX serves it.
+    return (lambda y: jnp.tanh(y @ y.T) * 3.0 + 1.0)(x)
+  x = jnp.ones((16, 16))
+  with suite_run.compile_cache(None, "gpu") as path:
+    assert pathlib.Path(path).is_dir() and jax.config.jax_compilation_cache_dir == path
+    hits = harness.compile_cache_counts()["hits"]
+    jax.jit(lambda x: fn(x)).lower(x).compile()
+    assert harness.compile_cache_counts()["hits"] == hits  # Compiled, then stored.
+    jax.jit(lambda x: fn(x)).lower(x).compile()  # A new jit object: loaded from the cache.
+    assert harness.compile_cache_counts()["hits"] == hits + 1
+  assert not pathlib.Path(path).exists() and jax.config.jax_compilation_cache_dir == before
+  keep = tmp_path / "cache"
+  with suite_run.compile_cache(str(keep), "cpu") as path:  # A given directory: any suite.
+    assert path == str(keep)
+    jax.jit(lambda x: fn(x)).lower(x).compile()
+  assert any(keep.iterdir())
+
+
+def test_gpu_call_estimate_from_traced_rows(capsys):
+  traced = lambda name, step, **kw: {"workload": name, "point": "p", "dry_run": "traced",
+                                     "trace_s": 1.0, "lower_s": 0.5,
+                                     "est_h100_step_s": step, **kw}
+  record = {"rows": [
+      traced("dcl_cstp", 0.035), traced("dcl_cstp_bank", 0.035, same_program_as="dcl_cstp"),
+      traced("dcl_cstp_bank", 0.035), traced("ddim50", 0.6),
+      {"workload": "x", "point": "p", "dry_run": "tiny"}]}
+  est = suite_run.gpu_call_estimate(record)
+  assert (est["xla_programs"], est["cached_programs"]) == (3, 1)
+  assert est["torch_compile_references"] == 1 and est["host_trace_s"] == 2 * 4 * 1.5
+  lo, hi = suite_run.EST_COMPILE_S
+  assert est["compile_s"] == [3 * lo + suite_run.EST_CACHED_S, 3 * hi + suite_run.EST_CACHED_S]
+  assert est["xla_and_eager_s"][0] > est["compile_s"][0] + est["host_trace_s"]
+  assert est["total_s"] == [a + b for a, b in zip(est["xla_and_eager_s"],
+                                                  est["torch_compile_s"])]
+  suite_run.print_estimate(est)
+  assert "3 XLA programs compiled" in capsys.readouterr().out
+  assert suite_run.gpu_call_estimate({"rows": []}) is None

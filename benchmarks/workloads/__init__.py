@@ -35,7 +35,8 @@ NAMES = tuple(_REGISTRY)
 # What ``--suite gpu`` runs without ``--only``: the figures issue 18 asks of a lent GPU
 # (bf16 DCL-CsTP at 224 px with its bank guard, the LDM UNet at 64^2 latents, DDIM-50,
 # the DRFL / LTDiff++ / DSDM steps at paper size, each step against bf16 eager and
-# torch.compile), trimmed to fit one call of a few minutes: compiles dominate it
+# torch.compile), trimmed to fit one call of at most 8 minutes: compiles dominate it, so
+# the run shares a compile cache, defaults to --deadline-s 450 and runs torch.compile last
 # (docs/results/benchmarks.md, "GPU suite: dry run and time budget"). The other workloads,
 # dsdm_ddim included, run with ``--only``.
 GPU_SUITE = ("dcl_cstp", "dcl_cstp_bank", "ldm_unet", "ddim50", "drfl", "ltdiff_ddpm",

@@ -56,6 +56,10 @@ class Options:
   timing: dict[str, Any] = dataclasses.field(default_factory=dict)
   dry_run: bool = False  # The suite's code path at the quick suite's sizes, one call each.
   abstract: bool = False  # Trace and lower at the suite's sizes; compile and run nothing.
+  # Where the torch.compile A/B rounds go when they are put off to the end of the run
+  # (``benchmarks.run`` under a deadline): ``DeferredCompile`` jobs; None runs them in the
+  # workload, right after the eager rounds.
+  deferred: list[Any] | None = None
 
   def __post_init__(self):
     if self.suite not in SUITES:
@@ -194,15 +198,34 @@ def torch_compare(opts: Options, make_factory: Callable[[steps.StepBench, dict],
       record["torch_notes"] = [skip]
       return steps.timed(bench, warmup=0, iters=opts.iters(record["probe_s"]))
     rounds = opts.timing["rounds"]
+    factory = make_factory(bench, record)
+    ab = dict(batch=bench.batch_size, rounds=rounds,
+              iters=torch_ab.iters_per_round(record["probe_s"], opts.timing["budget_s"], rounds),
+              threads=opts.torch_threads, gpu=opts.torch_gpu_setups)
+    defer = opts.compile_torch and opts.deferred is not None
     jax_timing, fields = torch_ab.compare(
-        bench, make_factory(bench, record), batch=bench.batch_size, rounds=rounds,
-        iters=torch_ab.iters_per_round(record["probe_s"], opts.timing["budget_s"], rounds),
-        threads=opts.torch_threads, torch_compile=opts.compile_torch,
-        gpu=opts.torch_gpu_setups, notes=opts.torch_notes)
+        bench, factory, torch_compile=opts.compile_torch and not defer,
+        notes=opts.torch_notes, **ab)
     record.update(fields)
+    if defer:  # The bench (state, executable) stays alive until the job has run.
+      job = DeferredCompile(len(opts.deferred), lambda: torch_ab.compare(
+          bench, factory, kinds=("compile",), **ab)[1])
+      opts.deferred.append(job)
+      record["torch_deferred"] = job.index
     return jax_timing
 
   return compare
+
+
+@dataclasses.dataclass
+class DeferredCompile:
+  """The torch.compile A/B rounds of one row, put off to the end of the run.
+
+  ``run()`` returns the row's new torch fields (``torch_ab.compare(..., kinds=("compile",))``);
+  ``torch_ab.merge`` adds them to the row whose ``torch_deferred`` is ``index``.
+  """
+  index: int
+  run: Callable[[], dict[str, Any]]
 
 
 def torch_skipped(opts: Options) -> str | None:
