@@ -97,7 +97,8 @@ def compile_cache(spec: str | None, suite: str):
   if spec == "off" or (spec is None and suite != "gpu"):
     yield None
     return
-  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from jax.experimental.compilation_cache import compilation_cache
   import jax  # pylint: disable=import-outside-toplevel
   keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
           "jax_persistent_cache_min_entry_size_bytes")
