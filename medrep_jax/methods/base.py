@@ -21,7 +21,9 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
+import logging
 import pathlib
+import re
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -34,9 +36,12 @@ from medrep_jax.config_lib import ConfigError
 from medrep_jax.core import mesh as mesh_lib
 from medrep_jax.core import optim
 from medrep_jax.core.state import TrainState
+from medrep_jax.data import loader
 from medrep_jax.data import registry
 from medrep_jax.data import transforms as transforms_lib
-from medrep_jax.data.sources import SourceInfo
+from medrep_jax.data.sources import DataError, SourceInfo
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -160,6 +165,7 @@ class Method(Stage):
     n = self.planned_train_size(planned)
     if n is not None:
       self.check_planned(n)
+    self.check_shapes(planned)
     return {}
 
   def check_planned(self, train_size: int) -> None:
@@ -170,6 +176,138 @@ class Method(Stage):
       raise ConfigError(f"train.batch_size={batch} exceeds the {train_size} training "
                         f"examples of {self.config.data.get('name', 'the data')}; set "
                         f"train.batch_size to at most {train_size}")
+
+  # ---- pre-flight of the shapes: the model traced on the batch it will be fed
+  def abstract_batch(self, planned: dict[str, int]) -> dict[str, jax.ShapeDtypeStruct] | None:
+    """The global train batch the trainer will feed this stage, as `ShapeDtypeStruct`s:
+    one record of the train source through `transforms("train")` (the loader's own
+    mapping), its batch axis set to `train.batch_size`. None when the batch depends on
+    an earlier stage not yet run (`shape_inputs_pending`); a stage that can describe its
+    batch from its config alone overrides this."""
+    if self.shape_inputs_pending(planned):
+      return None
+    return self.batch_spec(self.make_source("train"))
+
+  def batch_spec(self, source, transforms: list | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global train batch of `source` as `ShapeDtypeStruct`s: its first record through
+    `transforms` (default `transforms("train")`) by the loader itself, the batch axis set
+    to `train.batch_size`. Decodes one record."""
+    tfs = self.transforms("train") if transforms is None else transforms
+    ds = loader.train_dataset(source, tfs, global_batch=1,
+                              seed=int(self.config.get("seed", 0)),
+                              process_index=0, process_count=1)
+    batch = int(self.config.train.batch_size)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        (batch, *np.shape(x)[1:]), jax.dtypes.canonicalize_dtype(np.asarray(x).dtype)), ds[0])
+
+  def shape_inputs_pending(self, planned: dict[str, int]) -> list[str]:
+    """The config fields (dotted) naming paths that an earlier, unfinished stage will
+    write: the data root, a frozen teacher or VAE run, ... (`init_from` is left out: the
+    warm start comes after the state is built)."""
+    flat = _flat_strings(self.config)
+    return [k for k, v in flat.items() if k != "init_from" and pending(v, planned)]
+
+  def check_shapes(self, planned: dict[str, int]) -> None:
+    """Traces `init_state` abstractly (`jax.eval_shape`: no FLOPs, no memory) on the batch
+    of `abstract_batch`, so an image size the network cannot take (a stride that does not
+    divide it, a patch size, a crop larger than the image) fails now as a ConfigError
+    naming the stage's size and model fields, not inside the stage.
+
+    Not traced (a log line) when the batch depends on an earlier stage not yet run, or
+    when reading it raises a DataError / FileNotFoundError (an input another run writes:
+    the stage reports it itself when it starts).
+
+    Raises:
+      ConfigError: tracing raised a ValueError, TypeError or ArithmeticError (a shape
+        mismatch, a feature map shrunk to nothing).
+    """
+    name = type(self).__name__
+    try:
+      batch = self.abstract_batch(planned)
+    except (DataError, FileNotFoundError) as e:  # inputs another run writes (crops, a
+      # teacher's targets) not there yet: the stage itself reports them when it starts
+      log.info("pre-flight: %s's shapes are not traced: its train batch cannot be read "
+               "yet (%s)", name, e)
+      return
+    if batch is None:
+      log.info("pre-flight: %s's shapes are not traced: its inputs come from earlier "
+               "stages not yet run (%s)", name, ", ".join(self.shape_inputs_pending(planned)))
+      return
+    error = self.shape_error(batch)
+    if error is not None:
+      raise ConfigError(self._shape_message(batch, error))
+
+  def shape_error(self, batch: dict[str, jax.ShapeDtypeStruct]) -> Exception | None:
+    """The ValueError / TypeError / ArithmeticError that tracing `init_state` on `batch`
+    raises, or None."""
+    key = self._trace_key(batch)
+    if key in _TRACED:
+      return None
+    try:
+      jax.eval_shape(self.init_state, jax.random.key(0), batch)
+    except (ConfigError, DataError):  # already worded for the user
+      raise
+    except (ValueError, TypeError, ArithmeticError) as e:  # lax / flax shape checks, the
+      return e  # models' own; a feature map shrunk to size 0 (a division by zero)
+    _TRACED.add(key)
+    return None
+
+  def _trace_key(self, batch: dict[str, jax.ShapeDtypeStruct]) -> str:
+    """What decides a trace: the stage class, its model (the module's repr holds every
+    attribute), its config less the absolute paths (another run's workdir traces alike)
+    and the batch's shapes; the check of a pipeline runs it once per distinct stage."""
+    flat = {k: v for k, v in _flat_leaves(self.config).items()
+            if k != "init_from" and not (isinstance(v, str) and v.startswith("/"))}
+    spec = sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items())
+    return repr((type(self).__qualname__, repr(self.model), sorted(flat.items()), spec))
+
+  def _fits(self, batch: dict[str, jax.ShapeDtypeStruct]) -> bool:
+    """Whether `init_state` traces on `batch` (a probe of the size hint)."""
+    try:
+      return self.shape_error(batch) is None
+    except (ConfigError, DataError):
+      return False
+
+  def size_multiple(self, error: Exception) -> int | None:
+    """The multiple the image size must be, when known: by default read from the model's
+    error ("divisible by N", "a multiple of N"); a stage may override it with its model's
+    total stride."""
+    found = re.findall(r"(?:divisible by|multiple of)\s+(\d+)", str(error))
+    return int(found[-1]) if found else None
+
+  def _shape_message(self, batch: dict[str, jax.ShapeDtypeStruct], error: Exception) -> str:
+    """One paragraph: the fields, the batch, the model's error and the sizes that trace."""
+    fields = ", ".join(f"{k}={v!r}" for k, v in _size_fields(self.config).items())
+    leaves = {k: v for k, v in batch.items() if len(getattr(v, "shape", ())) >= 3}
+    shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in (leaves or batch).items()
+                       if hasattr(v, "shape"))
+    what = " ".join(str(error).split())
+    if isinstance(error, ArithmeticError):
+      what += " (a feature map shrinks to size 0: the network downsamples more than the " \
+              "image allows)"
+    message = (f"this stage's model cannot be built on the train batch it will be fed "
+               f"({shapes}, from {fields}): {type(error).__name__}: {what}")
+    return message + self._size_hint(batch, error)
+
+  def _size_hint(self, batch: dict[str, jax.ShapeDtypeStruct], error: Exception) -> str:
+    """"; ... set data.image_size to 32 or 40": the nearest sizes that trace, among the
+    multiples of `size_multiple` (or, when unknown, of the powers of two); at most
+    `_MAX_PROBES` more traces, on the failure path only."""
+    size = (self.config.get("data") or {}).get("image_size")
+    if not isinstance(size, int) or size <= 0:
+      return ""
+    multiple = self.size_multiple(error)
+    valid = []
+    for c in _candidate_sizes(size, multiple)[:_MAX_PROBES]:
+      if self._fits(_resized(batch, size, c)):
+        valid.append(c)
+        if len(valid) == 2:
+          break
+    if not valid:  # another size does not help: the error is not about the size
+      return ""
+    rule = f"data.image_size must be a multiple of {multiple}" if multiple else ""
+    sizes = " or ".join(map(str, sorted(valid)))
+    return f"; {rule}: set it to {sizes}" if rule else f"; sizes that fit: {sizes}"
 
   # ---- model and optimizer
   @property
@@ -247,6 +385,75 @@ class Method(Stage):
   def evaluate(self, outputs: dict[str, np.ndarray], state, ctx: EvalContext) -> Result:
     """Metrics (and figures, at the final eval) from the gathered eval outputs."""
     return Result()
+
+
+# Model fields named in a shape error: what sets a network's strides and patches.
+_SIZE_WORDS = ("encoder", "arch", "width", "level", "depth", "patch", "stride", "factor",
+               "size", "crop", "scale")
+
+
+_MAX_PROBES = 6  # traces spent looking for valid image sizes once one has failed
+
+
+def _candidate_sizes(size: int, multiple: int | None) -> list[int]:
+  """Image sizes near `size` to try, nearest first: the multiples of `multiple` around it,
+  else its neighbouring multiples of 2, 4, ..., 256 (a network's total stride is a power
+  of two; those of the deeper strides also reach a network deeper than the image)."""
+  if multiple:
+    near = [(size // multiple + k) * multiple for k in range(-2, 4)]
+  else:
+    near = [c for m in (2 ** k for k in range(1, 9))
+            for c in ((size // m) * m, -(-size // m) * m)]
+  return sorted({c for c in near if c > 0 and c != size}, key=lambda c: (abs(c - size), c))
+
+
+# The shape traces that passed (`Method._trace_key`), so identical stages trace once.
+_TRACED: set[str] = set()
+
+
+def _flat_leaves(config, prefix: str = "") -> dict[str, Any]:
+  """{dotted key: value} of the leaves of a config."""
+  out = {}
+  for key in config.keys():
+    value = config[key]
+    if hasattr(value, "keys"):
+      out.update(_flat_leaves(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def _flat_strings(config) -> dict[str, str]:
+  """{dotted key: value} of the string leaves of a config."""
+  return {k: v for k, v in _flat_leaves(config).items() if isinstance(v, str)}
+
+
+def _size_fields(config) -> dict[str, Any]:
+  """The config fields a shape error names: the data sizes and the model's size fields."""
+  out = {}
+  data = config.get("data") or {}
+  for key in ("image_size", "volume_size", "crop_size", "patch_size"):
+    if key in data and data[key] not in ((), None, "", 0):
+      out[f"data.{key}"] = data[key]
+  model = config.get("model") or {}
+  for key in model.keys():
+    value = model[key]
+    if (any(w in key for w in _SIZE_WORDS) and not isinstance(value, bool)
+        and isinstance(value, (int, str, tuple, list))):
+      out[f"model.{key}"] = tuple(value) if isinstance(value, list) else value
+  return out
+
+
+def _resized(batch: dict[str, jax.ShapeDtypeStruct], old: int, new: int):
+  """`batch` with every spatial axis of length `old` set to `new` (not the batch axis,
+  nor the channel axis of an image)."""
+  def one(x):
+    if not hasattr(x, "shape"):
+      return x
+    last = len(x.shape) - 1 if len(x.shape) >= 4 else len(x.shape)
+    shape = [new if 0 < i < last and d == old else d for i, d in enumerate(x.shape)]
+    return jax.ShapeDtypeStruct(tuple(shape), x.dtype)
+  return jax.tree.map(one, batch, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
 
 
 def gradient_step(state: TrainState, loss_fn: Callable[[Any], tuple[jax.Array, dict]]):

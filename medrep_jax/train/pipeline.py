@@ -120,8 +120,10 @@ def preflight(config, workdir: pathlib.Path) -> dict[str, int]:
   Each stage's `preflight` sees what the earlier unfinished stages will write (their
   workdirs, and the most images their output folders will hold, e.g. a sample stage's
   images/), so that a later stage that cannot fit its data (a memory bank larger than
-  real + synthetic images, a batch larger than the split) fails now, not after hours of
-  earlier stages. Returns the plan ({folder: most images}).
+  real + synthetic images, a batch larger than the split, an image size the network
+  cannot take: `base.Method.check_shapes` traces each training stage's model on the
+  batch it will be fed) fails now, not after hours of earlier stages. Returns the plan
+  ({folder: most images}).
 
   Raises:
     ConfigError / DataError: prefixed with the stage that failed.

@@ -299,6 +299,10 @@ class Trainer:
                                allow=False, ignore=workdir_lib.derived_keys(config))
       print(f"Run in {self.workdir} already finished at step {latest}; nothing to do.")
       return json.loads(done.read_text())
+    # The stage's pre-flight (batch vs data, image size vs network) as a pipeline runs it
+    # for its unfinished stages: a single run's config errors read the same, and a stage
+    # whose inputs were pending then is checked now that they exist.
+    self.method.preflight({})
     train_source = self.method.make_source("train")
     record_data_info(config, self.method.info, train_source)
     if float(tc.get("num_epochs", 0.0)) > 0:

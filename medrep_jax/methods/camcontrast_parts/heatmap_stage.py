@@ -23,13 +23,17 @@ import json
 import os
 import pathlib
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from medrep_jax.config_lib import ConfigError
 from medrep_jax.data import arrays
 from medrep_jax.data.sources import DataError, SourceInfo
 from medrep_jax.eval import figures as fig_lib
 from medrep_jax.methods import base
 from medrep_jax.methods.camcontrast_parts import classifier_stage, common, crops, heatmaps
+from medrep_jax.models import cam as cam_lib
 
 MANIFEST = "manifest.json"
 
@@ -99,6 +103,40 @@ def _positions(strategy: str, rank: int) -> tuple[str, ...]:
 
 class HeatmapStage(base.Task):
   """Writes the crop dataset(s) of `config.heatmap.splits` and the heatmap figure."""
+
+  def preflight(self, planned: dict[str, int]) -> dict[str, int]:
+    """The fixed crops against the heatmap the classifier's encoder gives at this input
+    size (traced abstractly): the crops halve the heatmap, so its sides must be even and at
+    least 2, which fails here, before stage 1 trains, not after it."""
+    del planned
+    c = self.config
+    strategy = str(c.crops.strategy)
+    if strategy not in crops.FIXED:
+      return {}
+    rank = crops.FIXED[strategy][0]
+    spatial = (tuple(int(n) for n in c.data.get("volume_size", ()) or ()) if rank == 3
+               else (int(c.data.image_size),) * 2)
+    if len(spatial) != rank or min(spatial, default=0) <= 0:
+      return {}  # the stage itself reports a volume/image mismatch with its data
+    x = jax.ShapeDtypeStruct((1, *spatial, self.channels), jnp.float32)
+    encoder = common.encoder_of(c)
+    feats = jax.eval_shape(lambda v: encoder.init_with_output(jax.random.key(0), v, False)[0], x)
+    heat = tuple(int(n) for n in cam_lib.last_feature_map(feats).shape[1:-1])
+    try:
+      crops.crop_boxes(heat, strategy)
+    except ValueError as e:
+      field = "data.volume_size" if rank == 3 else "data.image_size"
+      stride = max(spatial[-1] // max(heat[-1], 1), 1)
+      m = 2 * stride  # even heatmap sides of at least 2
+      near = sorted({max(2 * m, n // m * m) for n in spatial} | {max(2 * m, -(-n // m) * m)
+                                                                  for n in spatial})
+      raise ConfigError(
+          f"crops.strategy={strategy!r} cannot cut the {heat} heatmap that "
+          f"model.encoder={c.model.encoder!r} gives at "
+          f"{field}={spatial if rank == 3 else spatial[0]} (total stride {stride}): {e}. "
+          f"Every side must be a multiple of {m} (e.g. {' or '.join(map(str, near))}), or use "
+          f"a shallower encoder") from e
+    return {}
 
   def run(self) -> base.Result:
     c, workdir = self.config, self.workdir

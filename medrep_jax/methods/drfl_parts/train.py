@@ -95,6 +95,18 @@ class DRFLStage(base.Method):
       return source
     return common.WithTargets(source, self._teacher_targets(source))
 
+  def abstract_batch(self, planned):
+    """The generic batch; while the teacher stage (`teacher_from`) has not run yet, the
+    data's own batch plus its "sr" targets described from the config (2x the image,
+    float32), so the network is still traced on its image size before the teacher trains."""
+    if self.shape_inputs_pending(planned) != ["teacher_from"]:
+      return super().abstract_batch(planned)
+    batch = self.batch_spec(super().make_source("train"))
+    if self.sr_stream and self.config.sr_target == "teacher":
+      b, h, w, c = batch["image"].shape
+      batch["sr"] = jax.ShapeDtypeStruct((b, 2 * h, 2 * w, c), jnp.float32)
+    return batch
+
   def _teacher_targets(self, source) -> np.ndarray:
     """The teacher's cached 2x targets; made here (from the finished teacher run) only
     when its cache is missing, and then cached in this workdir."""
