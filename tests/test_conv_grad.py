@@ -110,3 +110,69 @@ def test_resnet_gradients_match_between_paths(monkeypatch):
     grads[mode] = jax.jit(jax.grad(loss))(v["params"])
   for a, b in zip(jax.tree.leaves(grads["xla"]), jax.tree.leaves(grads["matmul"])):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
+
+
+DN3 = ("NDHWC", "DHWIO", "NDHWC")
+
+
+@pytest.mark.parametrize("k,stride,padding", [
+    (1, 1, "SAME"), (1, 2, "VALID"), (3, 1, "SAME"), (3, 2, "SAME"), (3, 1, "VALID"),
+    (3, 2, ((1, 1), (1, 1), (1, 1))), (2, 3, ((0, 1), (1, 0), (2, 0))), (3, (1, 2, 2), "SAME")])
+@pytest.mark.parametrize("c_out", [4, 1])  # 1: the shifted-dy weight gradient
+def test_3d_matches_xla_gradient(k, stride, padding, c_out, monkeypatch):
+  """3-D: phase input gradient and per-tap weight gradient equal XLA's (odd sizes)."""
+  monkeypatch.setenv("MEDREP_CONV_WEIGHT_GRAD", "matmul")
+  strides = (stride,) * 3 if isinstance(stride, int) else stride
+  rng = np.random.default_rng(k * 10 + strides[-1])
+  x = jnp.asarray(rng.standard_normal((2, 7, 5, 6, 3), np.float32))
+  w = jnp.asarray(rng.standard_normal((k, k, k, 3, c_out), np.float32))
+  ref = lambda x, w: lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=DN3)
+  new = lambda x, w: conv_grad.conv_general_dilated(x, w, strides, padding,
+                                                   dimension_numbers=DN3)
+  dy = jnp.asarray(rng.standard_normal(ref(x, w).shape, np.float32))
+  for got, want in zip(jax.jit(lambda *a: _grads(new, *a))(x, w, dy),
+                       _grads(ref, x, w, dy)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_3d_flax_dimension_numbers_take_custom_path(monkeypatch):
+  """nn.Conv passes ConvDimensionNumbers; 3-D ones are recognized, 2-D still are."""
+  assert conv_grad._channels_last_rank(lax.conv_dimension_numbers(
+      (1, 4, 4, 4, 2), (3, 3, 3, 2, 2), DN3)) == 3
+  assert conv_grad._channels_last_rank(lax.conv_dimension_numbers(
+      (1, 4, 4, 2), (3, 3, 2, 2), DN)) == 2
+  assert conv_grad._channels_last_rank(("NCDHW", "OIDHW", "NCDHW")) == 0
+  monkeypatch.setenv("MEDREP_CONV_WEIGHT_GRAD", "auto")
+  cpu = jax.default_backend() == "cpu"
+  assert conv_grad.use_phase_input_grad((3, 3, 3, 16, 32), (2, 2, 2)) == cpu
+  assert not conv_grad.use_phase_input_grad((3, 3, 3, 16, 16), (1, 1, 1))
+  assert conv_grad.use_matmul_weight_grad_3d((3, 3, 3, 16, 16), (1, 1, 1)) == cpu
+  monkeypatch.setenv("MEDREP_CONV_WEIGHT_GRAD", "xla")
+  assert not conv_grad.use_phase_input_grad((3, 3, 3, 16, 32), (2, 2, 2))
+  assert not conv_grad.use_matmul_weight_grad_3d((3, 3, 3, 16, 16), (1, 1, 1))
+  x, w = jnp.ones((1, 4, 4, 4, 2)), jnp.ones((3, 3, 3, 2, 2))
+  jaxpr = str(jax.make_jaxpr(lambda x, w: conv_grad.conv_general_dilated(
+      x, w, (2, 2, 2), "SAME", dimension_numbers=DN3))(x, w))
+  assert "custom_vjp" not in jaxpr
+  monkeypatch.setenv("MEDREP_CONV_WEIGHT_GRAD", "matmul")
+  jaxpr = str(jax.make_jaxpr(lambda x, w: conv_grad.conv_general_dilated(
+      x, w, (2, 2, 2), "SAME", dimension_numbers=DN3))(x, w))
+  assert "custom_vjp" in jaxpr
+
+
+def test_resnet_3d_gradients_match_between_paths(monkeypatch):
+  model = resnet.get_resnet("resnet_tiny_3d", small_input=True)
+  x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 9, 8, 7, 1), np.float32))
+  v = model.init(jax.random.PRNGKey(0), x, train=False)
+
+  def loss(params):
+    out, _ = model.apply({**v, "params": params}, x, train=True, mutable=["batch_stats"])
+    return sum(jnp.mean(jnp.square(f)) for f in jax.tree.leaves(out))
+
+  grads = {}
+  for mode in ("xla", "matmul", "auto"):
+    monkeypatch.setenv("MEDREP_CONV_WEIGHT_GRAD", mode)
+    grads[mode] = jax.jit(jax.grad(loss))(v["params"])
+  for mode in ("matmul", "auto"):
+    for a, b in zip(jax.tree.leaves(grads["xla"]), jax.tree.leaves(grads[mode])):
+      np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)

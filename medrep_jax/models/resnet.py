@@ -7,8 +7,9 @@ segmentation (skips from ``"c1"``..``"c5"``) and contrastive pretraining.
 The same modules take NDHWC volumes with ``spatial_dims=3`` (registry names
 ``"<name>_3d"``, e.g. ``"resnet18_3d"``): every k x k kernel, stride and pool
 window becomes k x k x k, and ``"pooled"`` averages over D, H and W. That is
-the 3D encoder of CAMContrast Sec. 4.7 (see ``ResNet``). A 3D convolution takes
-XLA's own weight gradient (``conv_grad`` handles 2-D NHWC convs only).
+the 3D encoder of CAMContrast Sec. 4.7 (see ``ResNet``). 3D convolutions go
+through ``conv_grad`` as well, which on CPU gives them a phase-decomposed input
+gradient (strided convs) and a per-tap matmul weight gradient.
 
 Layout follows torchvision's ResNet v1.5 (stride on the 3x3 conv of the
 bottleneck, symmetric explicit padding), so parameter counts match it:
