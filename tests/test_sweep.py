@@ -355,12 +355,14 @@ def test_documented_grid_selection_commands_expand_and_score_val():
   assert len(cmds) >= 2
   for cmd in cmds:
     args = sweep._expand_parser().parse_args(sweep._join_dash_values(shlex.split(cmd)[3:]))
-    assert args.select_by == "eval/dice" and args.run == "local"
+    # segmentation (Table 9, Dice) or the 3-D fine-tuning of Table 11 (AUC)
+    assert args.select_by in ("eval/dice", "eval/auc") and args.run == "local"
     config = str(REPO_ROOT / args.config)
     runs = sweep_spec.expand(config, args.sweep, sweep_spec.split_extra(args.extra),
                              check=lambda c: sweep_select.check_config(c, args.select_by))
-    assert len(runs) in (5, 15) and {r.values["optim.lr"] for r in runs} == {
-        1e-3, 3e-3, 1e-2, 3e-2, 1e-1}
+    grid = ({1e-3, 3e-3, 1e-2, 3e-2, 1e-1} if args.select_by == "eval/dice"
+            else {1e-3, 3.16e-3, 1e-2, 3.16e-2, 1e-1})
+    assert len(runs) in (5, 15) and {r.values["optim.lr"] for r in runs} == grid
 
 
 def test_selection_on_a_pipeline_stage_reads_that_stage(tmp_path):
