@@ -73,11 +73,12 @@ def as_json(config) -> dict:
 # ----------------------------------------------------------------------- config check
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """{dotted key: leaf} of a nested mapping (an empty mapping is a leaf)."""
   out = {}
   for key, value in tree.items():
     if isinstance(value, Mapping) and value:
-      out.update(_flatten(value, f"{prefix}{key}."))
+      out.update(flatten(value, f"{prefix}{key}."))
     else:
       out[f"{prefix}{key}"] = value
   return out
@@ -93,7 +94,7 @@ def config_diff(old: Mapping[str, Any], new: Mapping[str, Any],
 
   Both sides are compared as JSON values (tuples and lists are equal).
   """
-  a, b = _flatten(as_json(old)), _flatten(as_json(new))
+  a, b = flatten(as_json(old)), flatten(as_json(new))
   changes = {}
   for key in sorted(set(a) | set(b)):
     if _ignored(key, ignore):
@@ -135,8 +136,8 @@ def field_defaults(method: str) -> dict[str, Any]:
   config.json; at its default it describes what that run did, so it is no change."""
   from medrep_jax import config_lib  # pylint: disable=g-import-not-at-top
   from medrep_jax.data import registry  # pylint: disable=g-import-not-at-top
-  base = _flatten(as_json(config_lib.base_config(method)))
-  base.update({f"data.{k}": v for k, v in _flatten(as_json(registry.DEFAULTS)).items()})
+  base = flatten(as_json(config_lib.base_config(method)))
+  base.update({f"data.{k}": v for k, v in flatten(as_json(registry.DEFAULTS)).items()})
   return base
 
 

@@ -35,6 +35,7 @@ import optax
 from medrep_jax.config_lib import ConfigError
 from medrep_jax.core import mesh as mesh_lib
 from medrep_jax.core import optim
+from medrep_jax.core import workdir as workdir_lib
 from medrep_jax.core.state import TrainState
 from medrep_jax.data import loader
 from medrep_jax.data import registry
@@ -411,16 +412,9 @@ def _candidate_sizes(size: int, multiple: int | None) -> list[int]:
 _TRACED: set[str] = set()
 
 
-def _flat_leaves(config, prefix: str = "") -> dict[str, Any]:
-  """{dotted key: value} of the leaves of a config."""
-  out = {}
-  for key in config.keys():
-    value = config[key]
-    if hasattr(value, "keys"):
-      out.update(_flat_leaves(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
+def _flat_leaves(config) -> dict[str, Any]:
+  """{dotted key: value} of the leaves of a config (`core.workdir.flatten`)."""
+  return workdir_lib.flatten(config.to_dict())
 
 
 def _flat_strings(config) -> dict[str, str]:
